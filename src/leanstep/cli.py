@@ -1,0 +1,42 @@
+"""The ``leanstep`` command line: one subcommand per module under ``leanstep.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> module defining `add_arguments(parser)` and `run(args) -> int`;
+# the module docstring's first line is the subcommand's help.
+COMMANDS = {
+    "list": "leanstep.commands.list_choices",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leanstep",
+        description="Lean CNN training steps: layers, models, and a benchmark that measures them.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sub = subparsers.add_parser(name, help=summary, description=summary)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; bad input is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args)
+    except ValueError as error:
+        print(f"leanstep {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``leanstep`` command line, one module each."""
