@@ -1,0 +1,1 @@
+"""Measuring training steps: timing, memory (measured and predicted), suites, reports."""
