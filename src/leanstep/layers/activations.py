@@ -100,22 +100,29 @@ def _hard_swish_naive(x):
     return x * F.relu6(x + 3) / 6
 
 
+def _finite_number(activation: str, key: str, value, *, zero_allowed: bool) -> float:
+    """``value`` as a float, or ValueError naming it: finite, > 0 (or >= 0 if ``zero_allowed``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise ValueError(f"{activation}: {key}={value!r}, expected a finite number {bound}")
+    return number
+
+
 def _leaky_relu(inplace, negative_slope=0.01):
-    if not negative_slope >= 0 or not math.isfinite(negative_slope):
-        raise ValueError(f"leaky_relu: negative_slope={negative_slope!r}, expected a finite value >= 0")
-    return nn.LeakyReLU(negative_slope, inplace=inplace)
+    slope = _finite_number("leaky_relu", "negative_slope", negative_slope, zero_allowed=True)
+    return nn.LeakyReLU(slope, inplace=inplace)
 
 
 def _elu(inplace, alpha=1.0):
-    if not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"elu: alpha={alpha!r}, expected a finite value > 0")
-    return nn.ELU(alpha, inplace=inplace)
+    return nn.ELU(_finite_number("elu", "alpha", alpha, zero_allowed=False), inplace=inplace)
 
 
 def _celu(inplace, alpha=1.0):
-    if not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"celu: alpha={alpha!r}, expected a finite value > 0")
-    return nn.CELU(alpha, inplace=inplace)
+    return nn.CELU(_finite_number("celu", "alpha", alpha, zero_allowed=False), inplace=inplace)
 
 
 # name -> (factory(inplace, **params), the parameter names it accepts)
@@ -174,7 +181,8 @@ def activation_parameter(name: str, value: float | None) -> dict[str, float]:
     key = canonical_activation(name)
     if key not in _PARAMETER_NAME:
         raise ValueError(f"activation {name!r} takes no parameter, got activation_param={value!r}")
-    return {_PARAMETER_NAME[key]: float(value)}
+    parameter = _PARAMETER_NAME[key]
+    return {parameter: _finite_number(key, parameter, value, zero_allowed=True)}
 
 
 def get_activation(name: str, inplace: bool = False, **params) -> nn.Module:
