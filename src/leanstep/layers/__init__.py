@@ -11,6 +11,7 @@ from .norm_act import (
     list_norms,
     register_norm,
 )
+from .sync import InplaceABNSync, SyncBatchNormAct, convert_sync
 
 __all__ = [
     "ABN",
@@ -19,7 +20,10 @@ __all__ = [
     "Checkpointed",
     "CheckpointedSequential",
     "InplaceABN",
+    "InplaceABNSync",
+    "SyncBatchNormAct",
     "check_norm_activation",
+    "convert_sync",
     "get_activation",
     "get_norm_act",
     "list_activations",
