@@ -115,97 +115,151 @@ def _reduce_stats(count, mean, var, group):
     return total, group_mean, group_var
 
 
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
+
+
 class _InplaceABNFunction(torch.autograd.Function):
-    """Training-mode InplaceABN: batch statistics, output written over the input."""
+    """Training-mode InplaceABN: batch statistics, output written over the input.
+
+    Without a process group the statistics, the normalisation and the BatchNorm gradient are
+    PyTorch's native kernels; with one, statistics and gradient sums are reduced over the group.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, tracker, eps, activation, slope, group):
         channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
-        acc = _stats_dtype(x.dtype)
-        x_acc = x if x.dtype == acc else x.to(acc)
-        var, mean = torch.var_mean(x_acc, dim=dims, correction=0)
-        count = torch.tensor(float(x.numel() // channels), dtype=acc, device=x.device)
-        if group is not None:
-            count, mean, var = _reduce_stats(count, mean, var, group)
-        n = float(count)
-        if n <= 1:
-            raise ValueError(
-                f"InplaceABN: expected more than 1 value per channel when training, got input "
-                f"of shape {tuple(x.shape)}"
-            )
+        local_count = x.numel() // channels
+        running_mean = running_var = None
+        factor = 0.0
         if tracker is not None:
             factor = _exponential_average_factor(tracker)
-            tracker.running_mean.mul_(1 - factor).add_(mean.to(tracker.running_mean.dtype), alpha=factor)
-            unbiased = var * (n / (n - 1))
-            tracker.running_var.mul_(1 - factor).add_(unbiased.to(tracker.running_var.dtype), alpha=factor)
+            running_mean, running_var = tracker.running_mean, tracker.running_var
+        if group is None:
+            if local_count <= 1:
+                raise ValueError(
+                    f"InplaceABN: expected more than 1 value per channel when training, got "
+                    f"input of shape {tuple(x.shape)}"
+                )
+            out, mean, rstd = torch.native_batch_norm(
+                x, weight, bias, running_mean, running_var, True, factor, eps
+            )
+            count = float(local_count)
+        else:
+            mean, rstd, count = _group_stats(x, eps, group, running_mean, running_var, factor)
+            out = None
 
-        rstd = torch.rsqrt(var + eps)
-        w = weight.detach().to(acc) if weight is not None else torch.ones_like(mean)
-        b = bias.detach().to(acc) if bias is not None else torch.zeros_like(mean)
-        small = (w.abs() < SMALL_GAMMA).nonzero().flatten()
-        xhat_small = None
-        if small.numel():
-            small_shape = [1, small.numel()] + [1] * (x.dim() - 2)
-            xhat_small = (x_acc.index_select(1, small) - mean[small].view(small_shape)) * rstd[
-                small
-            ].view(small_shape)
-        del x_acc
-        scale = w * rstd
-        x.mul_(scale.view(shape)).add_((b - mean * scale).view(shape))
+        # Channels whose gamma is too small to invert keep a copy of their input.
+        small = x_small = None
+        if weight is not None and not _is_fake(weight):
+            small = (weight.detach().abs() < SMALL_GAMMA).nonzero().flatten()
+            if small.numel():
+                x_small = x.index_select(1, small)
+            else:
+                small = None
+
+        if out is not None:
+            x.copy_(out)
+            del out
+        else:
+            w = weight.detach().to(mean.dtype) if weight is not None else torch.ones_like(mean)
+            b = bias.detach().to(mean.dtype) if bias is not None else torch.zeros_like(mean)
+            scale = w * rstd
+            torch.addcmul((b - mean * scale).view(shape), x, scale.view(shape), out=x)
         if activation == "leaky_relu":
             F.leaky_relu_(x, slope)
         elif activation == "elu":
             F.elu_(x, slope)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, w, b, rstd, small, xhat_small)
-        ctx.activation, ctx.slope, ctx.group, ctx.count = activation, slope, group, n
-        ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, bias, mean, rstd, small, x_small)
+        ctx.activation, ctx.slope, ctx.group, ctx.count, ctx.eps = activation, slope, group, count, eps
         return x
 
     @staticmethod
     def backward(ctx, grad_output):
-        z, w, b, rstd, small, xhat_small = ctx.saved_tensors
-        dims = [0, *range(2, z.dim())]
+        z, weight, bias, mean, rstd, small, x_small = ctx.saved_tensors
         shape = [1, z.shape[1]] + [1] * (z.dim() - 2)
-        acc = w.dtype
-        z = z.to(acc)
-        dz = grad_output.to(acc)
-        if ctx.activation == "identity":
-            y, dy = z.clone(), dz
+        acc = mean.dtype
+        # Undo the activation: y = act^-1(z), dy = dL/dy.
+        if ctx.activation == "leaky_relu":
+            y = F.leaky_relu(z, 1.0 / ctx.slope)
+            dy = torch.ops.aten.leaky_relu_backward(grad_output, z, ctx.slope, True)
+        elif ctx.activation == "elu":
+            y = torch.where(z >= 0, z, torch.log1p(z / ctx.slope))
+            dy = torch.ops.aten.elu_backward(grad_output, ctx.slope, 1, 1, True, z)
         else:
-            positive = z >= 0
-            if ctx.activation == "leaky_relu":
-                y = torch.where(positive, z, z / ctx.slope)
-                dy = torch.where(positive, dz, dz * ctx.slope)
-            else:
-                y = torch.where(positive, z, torch.log1p(z / ctx.slope))
-                dy = torch.where(positive, dz, dz * (z + ctx.slope))
-            del positive
-        # y becomes xhat in place: xhat = (y - beta) / gamma.
-        xhat = y.sub_(b.view(shape)).div_(torch.where(w == 0, torch.ones_like(w), w).view(shape))
-        if xhat_small is not None:
-            xhat.index_copy_(1, small, xhat_small.to(acc))
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * xhat).sum(dims)
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype, copy=True) if ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(ctx.bias_dtype, copy=True) if ctx.needs_input_grad[2] else None
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            if ctx.group is not None:
-                import torch.distributed as dist
-
-                sums = torch.cat([sum_dy, sum_dy_xhat])
-                dist.all_reduce(sums, group=ctx.group)
-                sum_dy, sum_dy_xhat = sums.split(sum_dy.numel())
-            n = ctx.count
-            grad_input = dy - (sum_dy / n).view(shape)
-            grad_input.sub_(xhat.mul_((sum_dy_xhat / n).view(shape)))
-            grad_input.mul_((w * rstd).view(shape))
+            y = z.clone()
+            dy = grad_output
+        y, dy = y.to(acc), dy.to(acc)
+        # Undo the affine transform and normalisation in place: x = (y - beta) / (gamma * rstd) + mean.
+        w = weight.detach().to(acc) if weight is not None else torch.ones_like(mean)
+        b = bias.detach().to(acc) if bias is not None else torch.zeros_like(mean)
+        inverse_scale = 1.0 / (w * rstd)
+        x = torch.addcmul((mean - b * inverse_scale).view(shape), y, inverse_scale.view(shape), out=y)
+        if small is not None:
+            x.index_copy_(1, small, x_small.to(acc))
+        needs = list(ctx.needs_input_grad[:3])
+        if ctx.group is None:
+            grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, None, None, mean, rstd, True, ctx.eps, needs
+            )
+        else:
+            grad_input, grad_weight, grad_bias = _group_backward(dy, x, w, mean, rstd, ctx)
+        if grad_input is not None:
             grad_input = grad_input.to(grad_output.dtype)
+        grad_weight = grad_weight.to(weight.dtype) if needs[1] and weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if needs[2] and bias is not None else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _group_stats(x, eps, group, running_mean, running_var, factor):
+    """Batch mean and 1/std over every rank of ``group``; updates the running statistics."""
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    acc = _stats_dtype(x.dtype)
+    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
+    local = torch.tensor(float(x.numel() // channels), dtype=acc, device=x.device)
+    count, mean, var = _reduce_stats(local, mean, var, group)
+    n = float(count)
+    if n <= 1:
+        raise ValueError(
+            f"InplaceABN: expected more than 1 value per channel when training, got {n:g} over "
+            f"the process group"
+        )
+    if running_mean is not None:
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+        unbiased = var * (n / (n - 1))
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return mean, torch.rsqrt(var + eps), n
+
+
+def _group_backward(dy, x, w, mean, rstd, ctx):
+    """BatchNorm gradient with the per-channel sums reduced over the process group.
+
+    The input gradient uses the group's sums; weight and bias gradients stay local, as
+    DistributedDataParallel sums them across ranks itself.
+    """
+    import torch.distributed as dist
+
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    dims = [0, *range(2, x.dim())]
+    xhat = x.sub_(mean.view(shape)).mul_(rstd.view(shape))
+    sum_dy = dy.sum(dims)
+    sum_dy_xhat = (dy * xhat).sum(dims)
+    grad_weight, grad_bias = sum_dy_xhat.clone(), sum_dy.clone()
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        sums = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=ctx.group)
+        sum_dy, sum_dy_xhat = sums.split(sum_dy.numel())
+        n = ctx.count
+        grad_input = dy - (sum_dy / n).view(shape)
+        grad_input.sub_(xhat.mul_((sum_dy_xhat / n).view(shape)))
+        grad_input.mul_((w * rstd).view(shape))
+    return grad_input, grad_weight, grad_bias
 
 
 class InplaceABN(BatchNormAct):
