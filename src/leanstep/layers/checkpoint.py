@@ -7,7 +7,11 @@ wrapping naively are handled here:
 - the recompute runs in training mode, so every BatchNorm inside would update its running
   statistics twice per step; the statistics are restored after the recompute;
 - a wrapper adds a level to the parameter names, so pretrained checkpoints would not load;
-  ``Checkpointed`` hides its level from ``state_dict`` and ``load_state_dict``.
+  ``Checkpointed`` hides its level from ``state_dict`` and ``load_state_dict``;
+- the checkpoint keeps the block's inputs for the recompute, so a block that starts by writing
+  over its input (``InplaceABN``, an in-place activation) would corrupt them: the forward runs
+  on copies of the inputs (temporary, nothing saved), and so does the recompute of a block that
+  was seen writing over them.
 """
 
 from __future__ import annotations
@@ -40,22 +44,34 @@ def _running_stats_restored(module: nn.Module):
                 buffer.copy_(value)
 
 
+def _tensor_copies(values: tuple) -> tuple:
+    return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def checkpointed_call(module: nn.Module, *args):
     """Call ``module(*args)`` under non-reentrant checkpointing when it saves memory.
 
     Outside training or without grad nothing would be saved for backward, so it is a plain call.
     The first call is the real forward; later calls are autograd's recomputes, whose running
-    statistics updates are undone.
+    statistics updates are undone. The inputs, which the checkpoint keeps for the recompute, are
+    copied for the first call, and for recomputes too if the first call wrote over its copies.
     """
     if not (module.training and torch.is_grad_enabled()):
         return module(*args)
     calls = 0
+    writes_inputs = False
 
     def run(*inputs):
-        nonlocal calls
+        nonlocal calls, writes_inputs
         calls += 1
         if calls == 1:
-            return module(*inputs)
+            copies = _tensor_copies(inputs)
+            versions = [t._version for t in copies if isinstance(t, torch.Tensor)]
+            output = module(*copies)
+            writes_inputs = versions != [t._version for t in copies if isinstance(t, torch.Tensor)]
+            return output
+        if writes_inputs:
+            inputs = _tensor_copies(inputs)
         with _running_stats_restored(module):
             return module(*inputs)
 
