@@ -10,6 +10,7 @@ import sys
 # the module docstring's first line is the subcommand's help.
 COMMANDS = {
     "list": "leanstep.commands.list_choices",
+    "layers": "leanstep.commands.layers",
 }
 
 
