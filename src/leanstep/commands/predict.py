@@ -1,0 +1,142 @@
+"""Predict a training step's peak memory without running it (fake tensors: seconds, any batch).
+
+The prediction is ``leanstep.bench.predict``: a tensor-level peak, i.e. a lower bound of
+``torch.cuda.max_memory_allocated``. For one model the output is the peak, its breakdown by
+category and the modules holding the most activation memory; for a suite, one row per case with
+the suite's ``reference_mib`` beside the prediction where it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from leanstep.bench.cases import (
+    add_case_arguments,
+    cases_from_args,
+    is_suite_path,
+    validate_case,
+)
+from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL, predict_case
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_case_arguments(parser)
+    output = parser.add_argument_group("prediction")
+    output.add_argument(
+        "--device-like", choices=DEVICE_LIKES,
+        help="model this device's allocator and optimizer path (default: each case's device)",
+    )
+    output.add_argument("--json", action="store_true", help="one JSON object per line and case")
+
+
+def _row(case, device_like: str | None, *, strict: bool) -> dict:
+    """The prediction of ``case`` as a row; skipped or error rows carry the reason.
+
+    A case that cannot be predicted (ValueError: a peer package missing, compile, ...) is a
+    skipped row, or with ``strict`` the error itself.
+    """
+    row = {
+        "suite": case.suite, "group": case.group, "name": case.name, "model": case.model,
+        "options": case.options,
+        "batch_size": case.memory_batch_size or case.batch_size,
+        "image_size": case.memory_image_size or case.image_size,
+        "precision": case.precision,
+        "device_like": device_like or case.device_type,
+        "predicted_mib": None, "memory": None, "top_modules": None, "seconds": None,
+        "status": "ok", "reason": None,
+    }
+    reference = case.reference.get("reference_mib")
+    if reference is not None:
+        row["reference_mib"] = reference
+    try:
+        validate_case(case, require_device=False)
+        predicted = predict_case(case, device_like=device_like)
+    except ValueError as error:
+        if strict:
+            raise
+        return {**row, "status": "skipped", "reason": str(error)}
+    except Exception as error:  # one case's failure is its row's, not the whole command's
+        return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
+    row.update(
+        predicted_mib=predicted["predicted_mib"], memory=predicted["memory"],
+        top_modules=predicted["top_modules"], seconds=predicted["seconds"],
+    )
+    if reference:
+        row["ratio"] = predicted["predicted_mib"] / reference
+    return row
+
+
+def _print_details(row: dict) -> None:
+    print(
+        f"{row['name']}: batch {row['batch_size']}, {row['image_size']} px, {row['precision']}, "
+        f"{row['device_like']}-like"
+    )
+    if row["status"] != "ok":
+        print(f"  {row['status']}: {row['reason']}\n")
+        return
+    print(f"  predicted peak {row['predicted_mib']:.1f} MiB ({PEAK_LABEL})")
+    for category, mib in row["memory"].items():
+        print(f"    {category:<16} {mib:>10.1f} MiB")
+    print("  modules holding the most activation memory at the end of the forward pass:")
+    width = max((len(m["module"]) for m in row["top_modules"]), default=0)
+    for module in row["top_modules"]:
+        print(
+            f"    {module['module']:<{width}}  {module['type']:<20} "
+            f"{module['activation_mib']:>10.1f} MiB"
+        )
+    print(f"  predicted in {row['seconds']:.1f} s\n")
+
+
+def text_table(headers: tuple[str, ...], lines: list[tuple[str, ...]], *, left: int = 1) -> str:
+    """Columns aligned under ``headers``: the first ``left`` to the left, the rest right."""
+    widths = [max(len(head), *(len(line[i]) for line in lines)) for i, head in enumerate(headers)]
+    rendered = []
+    for cells in (headers, tuple("-" * width for width in widths), *lines):
+        rendered.append("  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip())
+    return "\n".join(rendered)
+
+
+def _print_table(rows: list[dict]) -> None:
+    headers = ("group", "case", "bs", "px", "predicted MiB", "reference MiB", "ratio", "s")
+    lines = []
+    for row in rows:
+        ok = row["status"] == "ok"
+        reference = row.get("reference_mib")
+        lines.append((
+            row["group"], row["name"], str(row["batch_size"]), str(row["image_size"]),
+            f"{row['predicted_mib']:.1f}" if ok else row["status"],
+            f"{reference:.1f}" if reference else "-",
+            f"{row['ratio']:.3f}" if ok and "ratio" in row else "-",
+            f"{row['seconds']:.1f}" if ok else "-",
+        ))
+    print(text_table(headers, lines, left=2))
+    print(f"\npredicted: {PEAK_LABEL}; ratio = predicted / reference")
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"{row['status']}: {row['group']} / {row['name']}: {row['reason']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = cases_from_args(args)
+    from_suite = is_suite_path(args.target)
+    if not from_suite:
+        for case in cases:
+            validate_case(case, require_device=False)
+    rows = []
+    for case in cases:
+        row = _row(case, args.device_like, strict=not from_suite)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif not from_suite:
+            _print_details(row)
+        elif sys.stderr.isatty():
+            print(f"predicted {len(rows)}/{len(cases)}: {case.name}", file=sys.stderr)
+    if from_suite and not args.json:
+        _print_table(rows)
+    return 1 if any(row["status"] == "error" for row in rows) else 0
