@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanstep.bench.memory import saved_tensor_bytes
 from leanstep.layers import (
     ABN,
     BatchNormAct,
@@ -104,6 +105,12 @@ def _sync_worker(rank, world_size, port, inputs, upstreams, result_dir):
         for name, config in CONFIGS.items():
             layer = _layer(InplaceABNSync, config, group=groups[name])
             results[name] = _run_steps(layer, mine, upstream_mine)
+        x = mine[0].clone().requires_grad_(True) * 1.0
+        results["saved_bytes"] = {
+            "sync": saved_tensor_bytes(_layer(InplaceABNSync, CONFIGS["world"]), x.clone()),
+            "local": saved_tensor_bytes(_layer(InplaceABN, CONFIGS["world"]), x.clone()),
+            "input": x.numel() * x.element_size(),
+        }
         torch.save(results, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -179,6 +186,13 @@ def test_two_ranks_with_uneven_batches_match_one_process(
                 diffs[key] = max(diffs.get(key, 0.0), _max_diff(result[key], expected[step][key]))
     print(f"{config_name} vs {reference}: max abs diffs {diffs}")
     assert all(diff <= TOLERANCE for diff in diffs.values()), diffs
+
+
+def test_synchronised_layer_saves_what_inplace_abn_saves(two_process_results):
+    for rank in two_process_results[2]:
+        saved = rank["saved_bytes"]
+        assert saved["sync"] == saved["local"]
+        assert saved["input"] <= saved["sync"] < 2 * saved["input"]
 
 
 def test_without_a_process_group_it_is_inplace_abn():
