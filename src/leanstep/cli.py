@@ -11,6 +11,11 @@ import sys
 COMMANDS = {
     "list": "leanstep.commands.list_choices",
     "layers": "leanstep.commands.layers",
+    "bench": "leanstep.commands.bench",
+    "report": "leanstep.commands.report",
+    "predict": "leanstep.commands.predict",
+    "max-batch": "leanstep.commands.max_batch",
+    "verify": "leanstep.commands.verify",
 }
 
 

@@ -1,0 +1,173 @@
+"""Cases, suites and the bench command's checks of bad input (exit 2 before any case runs)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanstep.bench import cases as cases_module
+from leanstep.bench.cases import (
+    Case,
+    MissingPackageError,
+    add_case_arguments,
+    cases_from_args,
+    load_suite,
+    validate_case,
+)
+from leanstep.bench.runner import schedule, split_runs
+from leanstep.bench.timing import summarize_times
+from leanstep.bench.worker import run_worker
+from leanstep.cli import main
+
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_case_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _bench_error(capsys, *argv: str) -> str:
+    code = main(["bench", *argv, "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_comma_lists_expand_into_one_group():
+    cases = cases_from_args(
+        _args("resnet50", "--norm", "abn,inplace_abn", "--activation", "leaky_relu",
+              "--bs", "16", "--size", "128")
+    )
+    assert [case.options for case in cases] == [
+        {"norm": "abn", "activation": "leaky_relu"},
+        {"norm": "inplace_abn", "activation": "leaky_relu"},
+    ]
+    assert len({case.group for case in cases}) == 1
+    assert len({case.name for case in cases}) == 2
+    assert all(case.batch_size == 16 and case.image_size == 128 for case in cases)
+    assert all(case.warmup == 5 and case.threads >= 1 for case in cases)
+
+
+def test_options_parse_to_python_values():
+    (case,) = cases_from_args(
+        _args("vgg11_bn", "--checkpoint", "2", "--pre-act", "--option", "dropout=0.25")
+    )
+    assert case.options == {"checkpoint": 2, "pre_act": True, "dropout": 0.25}
+
+
+@pytest.mark.parametrize("suite", ["seed.toml", "seed-cpu.toml"])
+def test_shipped_suites_are_valid(suite):
+    cases = load_suite(SUITES / suite)
+    assert len({case.key for case in cases}) == len(cases)
+    for case in cases:
+        try:
+            validate_case(case.with_defaults(), require_device=False)
+        except MissingPackageError as error:
+            assert case.model.split(":")[0] in str(error)
+
+
+def test_seed_suite_carries_every_seed_row():
+    seed = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+    texts = [path.read_text() for path in sorted(seed.glob("*.txt"))] if seed.is_dir() else []
+    if not texts:
+        pytest.skip("seed table not present")
+    memories = {float(m) for text in texts for m in _seed_memories(text)}
+    cases = load_suite(SUITES / "seed.toml")
+    references = {case.reference["reference_mib"] for case in cases}
+    assert memories <= references
+
+
+def _seed_memories(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"Max memory: (\d+\.\d+)Mb", text)
+
+
+def test_unknown_suite_key_names_it_and_the_allowed_keys(tmp_path, capsys):
+    suite = tmp_path / "typo.toml"
+    suite.write_text(
+        '[[group]]\nname = "g"\n[[group.case]]\nname = "c"\nmodel = "resnet18"\nbatchsize = 4\n'
+    )
+    with pytest.raises(ValueError, match="unknown suite key 'batchsize'.*allowed: .*batch_size"):
+        load_suite(suite)
+    assert "unknown suite key 'batchsize'" in _bench_error(capsys, str(suite))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["resnet5"], "unknown model 'resnet5'"),
+        (["resnet18", "--option", "colour=red"], "unknown option(s) colour"),
+        (["resnet18", "--bs", "0"], "batch size must be an int >= 1, got 0"),
+        (["resnet18", "--bs", "-3"], "batch size must be an int >= 1, got -3"),
+        (["vgg11_bn", "--size", "8"], "image size 8 is too small for vgg11_bn"),
+        (["resnet18", "--size", "16", "--bs", "1"], "image size 16 is too small for resnet18"),
+        (["resnet18", "--precision", "amp_fp16"], "'amp_fp16' needs CUDA"),
+        (["resnet18", "--precision", "fp8"], "unknown precision 'fp8'"),
+        (["resnet18", "--norm", "inplace_abn", "--activation", "relu"],
+         "InplaceABN needs an invertible activation"),
+        (["resnet18", "--device", "tpu"], "unknown device 'tpu'"),
+        (["no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
+        (["suites/none.toml"], "suite file 'suites/none.toml' not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, argv, message):
+    assert message in _bench_error(capsys, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_exits_2(capsys):
+    assert "CUDA is not available" in _bench_error(capsys, "resnet18", "--device", "cuda")
+
+
+def test_missing_peer_package_exits_2_ad_hoc(capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        cases_module.require_package.__globals__["importlib"].util, "find_spec",
+        lambda name, *a: None if name == "timm" else real_find_spec(name, *a),
+    )
+    assert _bench_error(capsys, "timm:efficientnet_b0") == (
+        "leanstep bench: error: pip install timm to benchmark timm models"
+    )
+
+
+def test_rounds_interleave_a_group_and_share_the_runs():
+    a, b = (Case("s", "g", name, "resnet18", runs=5) for name in "ab")
+    c = Case("s", "h", "c", "resnet18", runs=1)
+    order = [(case.name, round_index, runs) for case, round_index, runs in schedule([a, b, c], 2)]
+    assert order == [("a", 0, 3), ("b", 0, 3), ("a", 1, 2), ("b", 1, 2), ("c", 0, 1)]
+    assert sum(split_runs(7, 3)) == 7 and max(split_runs(7, 3)) - min(split_runs(7, 3)) <= 1
+
+
+def test_summary_uses_run_averages_and_every_iteration():
+    forward = [[10.0, 12.0], [14.0, 20.0]]
+    backward = [[30.0, 30.0], [31.0, 33.0]]
+    summary = summarize_times(forward, backward, batch_size=8)
+    run_means = [statistics.fmean(run) for run in forward]
+    assert summary["fwd_ms_mean"] == pytest.approx(statistics.fmean(run_means))
+    assert summary["fwd_ms_std"] == pytest.approx(statistics.pstdev(run_means))
+    steps = [
+        f + b
+        for run_f, run_b in zip(forward, backward, strict=True)
+        for f, b in zip(run_f, run_b, strict=True)
+    ]
+    assert summary["step_ms_median"] == pytest.approx(statistics.median(steps))
+    assert 0 < summary["step_ms_iqr"] <= max(steps) - min(steps)
+    assert summary["imgs_per_sec"] == pytest.approx(
+        8000 / (summary["fwd_ms_mean"] + summary["bwd_ms_mean"])
+    )
+
+
+def test_worker_past_its_timeout_is_a_timeout_row():
+    request = {"case": Case("s", "g", "n", "resnet18").to_dict(), "runs": 1}
+    result = run_worker(request, threads=1, timeout=0.3)
+    assert result["status"] == "timeout" and "0.3" in result["error"]
