@@ -105,6 +105,11 @@ def _sync_worker(rank, world_size, port, inputs, upstreams, result_dir):
         for name, config in CONFIGS.items():
             layer = _layer(InplaceABNSync, config, group=groups[name])
             results[name] = _run_steps(layer, mine, upstream_mine)
+        singles = [dist.new_group([member]) for member in range(world_size)]
+        results["group_of_one"] = _run_steps(
+            _layer(InplaceABNSync, CONFIGS["world"], group=singles[rank]), mine, upstream_mine
+        )
+        results["local"] = _run_steps(_layer(InplaceABN, CONFIGS["world"]), mine, upstream_mine)
         x = mine[0].clone().requires_grad_(True) * 1.0
         results["saved_bytes"] = {
             "sync": saved_tensor_bytes(_layer(InplaceABNSync, CONFIGS["world"]), x.clone()),
@@ -193,6 +198,13 @@ def test_synchronised_layer_saves_what_inplace_abn_saves(two_process_results):
         saved = rank["saved_bytes"]
         assert saved["sync"] == saved["local"]
         assert saved["input"] <= saved["sync"] < 2 * saved["input"]
+
+
+def test_in_a_group_of_one_it_is_inplace_abn(two_process_results):
+    for rank in two_process_results[2]:
+        for got, expected in zip(rank["group_of_one"], rank["local"], strict=True):
+            for key in expected:
+                assert torch.equal(got[key], expected[key]), key
 
 
 def test_without_a_process_group_it_is_inplace_abn():
