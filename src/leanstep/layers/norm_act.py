@@ -221,6 +221,9 @@ def _group_stats(x, eps, group, running_mean, running_var, factor):
     dims = [0, *range(2, x.dim())]
     acc = _stats_dtype(x.dtype)
     var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
+    if x.numel() == 0:
+        # A rank holding no samples contributes nothing (its own mean and variance are NaN).
+        var, mean = var.nan_to_num(0.0), mean.nan_to_num(0.0)
     local = torch.tensor(float(x.numel() // channels), dtype=acc, device=x.device)
     count, mean, var = _reduce_stats(local, mean, var, group)
     n = float(count)
@@ -250,15 +253,16 @@ def _group_backward(dy, x, w, mean, rstd, ctx):
     sum_dy = dy.sum(dims)
     sum_dy_xhat = (dy * xhat).sum(dims)
     grad_weight, grad_bias = sum_dy_xhat.clone(), sum_dy.clone()
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        sums = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(sums, group=ctx.group)
-        sum_dy, sum_dy_xhat = sums.split(sum_dy.numel())
-        n = ctx.count
-        grad_input = dy - (sum_dy / n).view(shape)
-        grad_input.sub_(xhat.mul_((sum_dy_xhat / n).view(shape)))
-        grad_input.mul_((w * rstd).view(shape))
+    # Every rank joins the reduction, whether or not its own input needs a gradient.
+    sums = torch.cat([sum_dy, sum_dy_xhat])
+    dist.all_reduce(sums, group=ctx.group)
+    if not ctx.needs_input_grad[0]:
+        return None, grad_weight, grad_bias
+    sum_dy, sum_dy_xhat = sums.split(sum_dy.numel())
+    n = ctx.count
+    grad_input = dy - (sum_dy / n).view(shape)
+    grad_input.sub_(xhat.mul_((sum_dy_xhat / n).view(shape)))
+    grad_input.mul_((w * rstd).view(shape))
     return grad_input, grad_weight, grad_bias
 
 
