@@ -58,12 +58,13 @@ def _crossing(b1: int, m1: float, b2: int, m2: float, budget: float) -> float:
 
 
 def largest_batch(
-    peak_mib: Callable[[int], float], budget_mib: float, *, limit: int = MAX_BATCH
+    peak_mib: Callable[[int], float], budget_mib: float, *, start: int = 1,
+    limit: int = MAX_BATCH,
 ) -> dict:
-    """The largest batch size ``b <= limit`` with ``peak_mib(b) <= budget_mib``.
+    """The largest batch size ``start <= b <= limit`` with ``peak_mib(b) <= budget_mib``.
 
-    Returns ``batch_size`` (0 if not even batch 1 fits), ``predicted_mib`` (its peak; that of
-    batch 1 when nothing fits) and ``probes`` ({batch size: predicted MiB}, every prediction
+    Returns ``batch_size`` (0 if not even ``start`` fits), ``predicted_mib`` (its peak; that of
+    ``start`` when nothing fits) and ``probes`` ({batch size: predicted MiB}, every prediction
     made). ``peak_mib`` must not decrease as the batch grows.
     """
     probes: dict[int, float] = {}
@@ -73,9 +74,9 @@ def largest_batch(
             probes[batch] = peak_mib(batch)
         return probes[batch] <= budget_mib
 
-    if not fits(1):
-        return {"batch_size": 0, "predicted_mib": probes[1], "probes": probes}
-    low, high, previous = 1, None, None
+    if not fits(start):
+        return {"batch_size": 0, "predicted_mib": probes[start], "probes": probes}
+    low, high, previous = start, None, None
     while high is None and low < limit:
         target = 2 * low
         if previous is not None:
@@ -111,7 +112,8 @@ def largest_batch(
 def case_max_batch(case, budget_bytes: int, *, device_like: str | None = None) -> dict:
     """``largest_batch`` for a benchmark case at its image size, over ``predict_case``.
 
-    Adds ``seconds`` (the whole search) to the result.
+    The search starts at batch 1, or 2 where batch 1 cannot run a training step (a BatchNorm
+    that would see one value per channel). Adds ``seconds`` (the whole search) to the result.
     """
     import dataclasses
     import time
@@ -120,11 +122,22 @@ def case_max_batch(case, budget_bytes: int, *, device_like: str | None = None) -
 
     started = time.perf_counter()
 
-    def peak(batch_size: int) -> float:
-        at_batch = dataclasses.replace(
-            case, batch_size=batch_size, memory_batch_size=None, memory_image_size=None
-        )
-        return predict_case(at_batch, device_like=device_like)["predicted_mib"]
+    predictions: dict[int, float] = {}
 
-    result = largest_batch(peak, budget_bytes / 2**20)
+    def peak(batch_size: int) -> float:
+        if batch_size not in predictions:
+            at_batch = dataclasses.replace(
+                case, batch_size=batch_size, memory_batch_size=None, memory_image_size=None
+            )
+            predictions[batch_size] = predict_case(at_batch, device_like=device_like)[
+                "predicted_mib"
+            ]
+        return predictions[batch_size]
+
+    start = 1
+    try:
+        peak(1)
+    except ValueError:  # e.g. a BatchNorm seeing one value per channel: batch 1 cannot train
+        start = 2
+    result = largest_batch(peak, budget_bytes / 2**20, start=start)
     return {**result, "seconds": time.perf_counter() - started}

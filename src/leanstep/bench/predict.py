@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -281,7 +282,10 @@ def predict_peak(
         tracker = _peak_tracker(block)
         tracker.track_external(*step.tracked_objects())
         owners = _ActivationOwners(model, block)
-        with tracker:
+        with tracker, warnings.catch_warnings():
+            # MemTracker's per-module snapshots (unused here) skip the modules that a
+            # checkpointed segment creates for one call and then drops, with a warning each.
+            warnings.filterwarnings("ignore", "Module is None", UserWarning)
             with owners.recording(step.tracked_objects()):
                 output = step.forward()
             top_modules = owners.top(top)
@@ -303,7 +307,8 @@ def predict_peak(
 
 
 def predict_case(case, *, device_like: str | None = None) -> dict:
-    """``predict_peak`` for a benchmark case (``leanstep.bench.cases.Case``).
+    """``predict_peak`` for a benchmark case (``leanstep.bench.cases.Case``), at the input its
+    memory pass measures (``memory_batch_size`` and ``memory_image_size`` where it has them).
 
     ``device_like`` defaults to the case's device type, so a CUDA case is predicted as CUDA.
     """
@@ -313,7 +318,9 @@ def predict_case(case, *, device_like: str | None = None) -> dict:
         device_like = "cuda" if str(case.device).startswith("cuda") else "cpu"
     return predict_peak(
         lambda: build_model(case),
-        batch_size=case.batch_size, image_size=case.image_size, in_channels=case.in_channels,
+        batch_size=case.memory_batch_size or case.batch_size,
+        image_size=case.memory_image_size or case.image_size,
+        in_channels=case.in_channels,
         precision=case.precision, channels_last=case.channels_last, mode=case.mode,
         device_like=device_like, compile=case.compile,
     )

@@ -119,7 +119,6 @@ def verify_models(
     first_label, first_model = models[0]
     first_model.double()
     state = {name: tensor.clone() for name, tensor in first_model.state_dict().items()}
-    results = []
     for label, model in models:
         model.double()
         try:
@@ -129,7 +128,7 @@ def verify_models(
             raise ValueError(
                 f"variant {label!r} does not take the weights of {first_label!r}: {detail}"
             ) from None
-        results.append((label, _run_step(model, batch, seed)))
+    results = [(label, _run_step(model, batch, seed)) for label, model in models]
     reference = results[0][1]
     variants = {}
     for label, outcome in results[1:]:
