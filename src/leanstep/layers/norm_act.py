@@ -124,8 +124,8 @@ def _is_fake(tensor: torch.Tensor) -> bool:
 class _InplaceABNFunction(torch.autograd.Function):
     """Training-mode InplaceABN: batch statistics, output written over the input.
 
-    Without a process group the statistics, the normalisation and the BatchNorm gradient are
-    PyTorch's native kernels; with one, statistics and gradient sums are reduced over the group.
+    Without a process group the statistics and the BatchNorm gradient are PyTorch's native
+    kernels; with one, statistics and gradient sums are reduced over the group.
     """
 
     @staticmethod
@@ -144,13 +144,11 @@ class _InplaceABNFunction(torch.autograd.Function):
                     f"InplaceABN: expected more than 1 value per channel when training, got "
                     f"input of shape {tuple(x.shape)}"
                 )
-            out, mean, rstd = torch.native_batch_norm(
-                x, weight, bias, running_mean, running_var, True, factor, eps
-            )
+            mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
+            rstd = torch.rsqrt(var + eps)
             count = float(local_count)
         else:
             mean, rstd, count = _group_stats(x, eps, group, running_mean, running_var, factor)
-            out = None
 
         # Channels whose gamma is too small to invert keep a copy of their input.
         small = x_small = None
@@ -161,14 +159,10 @@ class _InplaceABNFunction(torch.autograd.Function):
             else:
                 small = None
 
-        if out is not None:
-            x.copy_(out)
-            del out
-        else:
-            w = weight.detach().to(mean.dtype) if weight is not None else torch.ones_like(mean)
-            b = bias.detach().to(mean.dtype) if bias is not None else torch.zeros_like(mean)
-            scale = w * rstd
-            torch.addcmul((b - mean * scale).view(shape), x, scale.view(shape), out=x)
+        w = weight.detach().to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        b = bias.detach().to(mean.dtype) if bias is not None else torch.zeros_like(mean)
+        scale = w * rstd
+        torch.addcmul((b - mean * scale).view(shape), x, scale.view(shape), out=x)
         if activation == "leaky_relu":
             F.leaky_relu_(x, slope)
         elif activation == "elu":
