@@ -62,10 +62,12 @@ def test_channels_last_prediction_equals_measured_peak():
 
 @pytest.fixture(scope="module")
 def large_batch():
-    """A resnet18 step at batch 1024, 224 px (about 30 GiB), and the growth of this process's
-    peak resident memory while it was predicted."""
+    """A resnet18 InplaceABN step at batch 1024, 224 px (about 16 GiB), and the growth of this
+    process's peak resident memory while it was predicted (an operation without a meta kernel
+    would run for real on full-size zeros)."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    predicted = predict_peak(partial(create_model, "resnet18"), batch_size=1024, image_size=224)
+    model_fn = partial(create_model, "resnet18", norm="inplace_abn", activation="leaky_relu")
+    predicted = predict_peak(model_fn, batch_size=1024, image_size=224)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return predicted, grown
 
@@ -74,7 +76,7 @@ def test_large_batch_is_predicted_without_allocating_it(large_batch):
     predicted, grown = large_batch
     input_mib = 1024 * 3 * 224 * 224 * 4 / MIB
     assert predicted["memory"]["input"] == pytest.approx(input_mib)
-    assert predicted["predicted_mib"] > 20 * 1024
+    assert predicted["predicted_mib"] > 10 * 1024
     assert grown < 0.05 * predicted["predicted_mib"] * MIB
 
 
