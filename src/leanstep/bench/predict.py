@@ -3,13 +3,19 @@
 The model is built on the meta device (no weights, no initialisation), then materialised as
 fake CPU tensors under ``FakeTensorMode``: tensors with shapes, dtypes and strides but no data,
 whose operations run PyTorch's shape functions instead of kernels. On that fake model the very
-``TrainStep`` that ``leanstep bench`` runs makes one warm-up step (so the optimizer's momentum
-buffers exist, as they do when the benchmark measures) and then one step under ``MemTracker``,
-the tracker whose categories ``measured_peak`` reports. The result is the tensor-level peak
-of the real step (its live tensor storages at their highest), in seconds, at any batch size.
+``TrainStep`` that ``leanstep bench`` runs gets its optimizer warmed up (momentum buffers and
+gradients allocated, as the benchmark's warm-up step leaves them) and then runs one step under
+``MemTracker``, the tracker whose categories ``measured_peak`` reports. The result is the
+tensor-level peak of the real step (its live tensor storages at their highest), in seconds, at
+any batch size; over the model zoo it equals the measured CPU peak
+(``benchmarks/predict_accuracy.py``).
 
 What the figure is: a lower bound of ``torch.cuda.max_memory_allocated``, which also counts
 cuDNN and cuBLAS workspaces and whatever kernels allocate inside themselves.
+
+Not predicted: ``torch.compile`` (its generated kernels allocate differently; ValueError).
+``amp_fp16`` is predicted CUDA-like only, as bfloat16 autocast (same element size) with the
+CPU's autocast op lists.
 
 ``device_like="cuda"`` adjusts the prediction for a CUDA run in two documented ways:
 
