@@ -118,6 +118,7 @@ def test_unknown_suite_key_names_it_and_the_allowed_keys(tmp_path, capsys):
         (["resnet18", "--device", "tpu"], "unknown device 'tpu'"),
         (["no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
         (["suites/none.toml"], "suite file 'suites/none.toml' not found"),
+        (["resnet18", "--bs", "8,8"], "the same case twice: resnet18 bs=8"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, argv, message):
@@ -171,3 +172,28 @@ def test_worker_past_its_timeout_is_a_timeout_row():
     request = {"case": Case("s", "g", "n", "resnet18").to_dict(), "runs": 1}
     result = run_worker(request, threads=1, timeout=0.3)
     assert result["status"] == "timeout" and "0.3" in result["error"]
+
+
+def test_cpu_case_predicted_past_the_free_ram_is_skipped(monkeypatch):
+    from leanstep.bench import measure
+
+    monkeypatch.setattr(measure, "available_memory_mib", lambda: 10 * 1024.0)
+    case = Case("s", "g", "n", "resnet18")
+    reason = measure._ram_skip_reason(case, predicted_mib=9 * 1024.0)
+    assert reason == "would need 9.0 GiB, 10.0 GiB free"
+    assert measure._ram_skip_reason(case, predicted_mib=7 * 1024.0) is None
+    cuda_case = Case("s", "g", "n", "resnet18", device="cuda")
+    assert measure._ram_skip_reason(cuda_case, predicted_mib=9 * 1024.0) is None
+
+
+def test_resume_drops_a_line_cut_short(tmp_path):
+    from leanstep.bench.results import append_row, drop_partial_line, read_rows
+
+    path = tmp_path / "r.jsonl"
+    append_row(path, {"name": "a", "group": "g", "suite": "s"})
+    with path.open("a") as stream:
+        stream.write('{"name": "b", "gro')
+    assert [row["name"] for row in read_rows(path)] == ["a"]
+    drop_partial_line(path)
+    append_row(path, {"name": "c", "group": "g", "suite": "s"})
+    assert [row["name"] for row in read_rows(path)] == ["a", "c"]

@@ -136,7 +136,7 @@ def test_bench_writes_sane_rows(two_cases, workdir, monkeypatch):
             row["batch_size"] * 1000 / (row["fwd_ms_mean"] + row["bwd_ms_mean"])
         )
         assert row["flops"] > 0 and row["gflops_per_sec"] > 0
-        assert row["threads"] == 1
+        assert row["threads"] == 1 and row["timing_cpu_share"] > 0
         assert set(row["memory"]) >= {"parameters", "gradients", "optimizer_state", "activations"}
         assert row["memory"]["parameters"] * 2**20 == pytest.approx(4 * params, rel=0.01)
         assert row["env"]["torch"] and row["env"]["device_name"] and row["timestamp"]

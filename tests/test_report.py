@@ -113,3 +113,13 @@ def test_report_command_writes_every_format(tmp_path, capsys):
 def test_report_of_a_missing_file_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_rounds_merge_into_one_row_with_every_run():
+    case = Case("suite", "g", "n", "resnet18", batch_size=8, runs=4, iters=2)
+    first, second = _ok_result(10.0, 20.0, 400.0, 300.0), _ok_result(12.0, 21.0, 999.0, 1.0)
+    row = make_row(case, [first, second], ENV, rounds=2)
+    assert row["fwd_ms_iters"] == first["fwd_ms_iters"] + second["fwd_ms_iters"]
+    assert row["peak_mib"] == first["peak_mib"] and row["rounds"] == 2
+    run_means = [sum(run) / len(run) for run in row["fwd_ms_iters"]]
+    assert row["fwd_ms_mean"] == pytest.approx(sum(run_means) / len(run_means))

@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
 import torch
 from torch import nn
 
@@ -310,9 +309,7 @@ def _check_keys(table: dict, allowed: tuple[str, ...], where: str) -> None:
 def _case_from_entry(suite: str, group: str, entry: dict, index: int) -> Case:
     values = dict(entry)
     name = values.pop("name")
-    options = dict(values.pop("options", {}) or {})
-    if not isinstance(options, dict):
-        raise ValueError(f"'options' of case {name!r} must be a table of model keywords")
+    options = dict(values.pop("options", {}))
     for key in MODEL_OPTION_KEYS:
         if key in values:
             options[key] = values.pop(key)
@@ -325,6 +322,26 @@ def _case_from_entry(suite: str, group: str, entry: dict, index: int) -> Case:
         suite=suite, group=group, name=name, options=options, reference=reference,
         index=index, **values,
     )
+
+
+def _toml_reader():
+    """tomllib (Python 3.11+), or its backport tomli on Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError(
+                "reading suite files needs Python 3.11+ or `pip install tomli`"
+            ) from None
+    return tomllib
+
+
+def _table(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"'options' of {where} must be a table of model keywords, got {value!r}")
+    return value
 
 
 def load_suite(path: str | Path) -> list[Case]:
@@ -344,6 +361,7 @@ def load_suite_file(path: str | Path) -> tuple[list[Case], dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"suite file {str(path)!r} not found")
+    tomllib = _toml_reader()
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
@@ -369,8 +387,9 @@ def load_suite_file(path: str | Path) -> tuple[list[Case], dict]:
             seen.add(name)
             merged = {**defaults, **group_defaults, **entry, "name": name}
             merged["options"] = {
-                **defaults.get("options", {}), **group_defaults.get("options", {}),
-                **entry.get("options", {}),
+                **_table(defaults.get("options", {}), "[defaults]"),
+                **_table(group_defaults.get("options", {}), f"group {group_name!r}"),
+                **_table(entry.get("options", {}), f"case {name!r}"),
             }
             cases.append(_case_from_entry(suite, group_name, merged, len(cases)))
     settings = {key: data[key] for key in ("rounds", "timeout") if key in data}
@@ -595,4 +614,8 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
     cases = _suite_cases(args) if is_suite_path(target) else _adhoc_cases(args)
     if not cases:
         raise ValueError(f"{target!r} gives no cases")
+    names = [case.key for case in cases]
+    duplicates = sorted({key[2] for key in names if names.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"the same case twice: {', '.join(duplicates)}")
     return [case.with_defaults() for case in cases]

@@ -161,8 +161,12 @@ def measure_case(
     warm_up(step, case.warmup - (flop_count is not None))
     phase("timing")
     gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
     forward_ms, backward_ms = time_step(step, runs=runs or case.runs, iters=case.iters)
-    result.update(fwd_ms_iters=forward_ms, bwd_ms_iters=backward_ms)
+    result.update(
+        fwd_ms_iters=forward_ms, bwd_ms_iters=backward_ms,
+        timing_wall_s=time.perf_counter() - wall, timing_cpu_s=time.process_time() - cpu,
+    )
     if measure_memory:
         phase("memory")
         result.update(memory_pass(step, case))

@@ -159,12 +159,16 @@ def _cells(row: dict, group_ratios: dict, with_reference: bool) -> list[str]:
         f"{row['bwd_ms_mean']:.2f} ± {row['bwd_ms_std']:.2f}",
         f"{row['step_ms_median']:.2f} ({row['step_ms_iqr']:.2f})",
         f"{row['imgs_per_sec']:.1f}",
-        f"{row['peak_mib']:.0f}",
+        _mib(row["peak_mib"]),
         times(ratio.get("time_x")),
         times(ratio.get("memory_x")),
         times(ratio.get("act_x")),
         *reference_cells,
     ]
+
+
+def _mib(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
 
 def render_table(rows: list[dict], console=None) -> None:

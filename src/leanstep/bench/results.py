@@ -1,7 +1,10 @@
 """Result rows: what one measured case records, and the JSON-lines file that holds them.
 
 One row per case, appended (and flushed) as soon as the case finishes, so an interrupted suite
-loses at most the case in progress and ``--resume`` can continue it.
+loses at most the case in progress and ``--resume`` can continue it. Besides the figures, a row
+records how the case ran: ``timing_cpu_share`` (CPU time of the worker during the timing pass /
+(wall time x threads): well below 1 means other load shared the cores), ``phase_seconds`` and
+``worker_seconds``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ __all__ = [
     "ROW_FIELDS",
     "append_row",
     "default_out_path",
+    "drop_partial_line",
     "environment",
     "latest_rows",
     "read_rows",
@@ -35,7 +39,7 @@ ROW_FIELDS = (
     "rounds", "fwd_ms_mean", "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_median",
     "step_ms_iqr", "imgs_per_sec", "peak_mib", "reserved_mib", "memory", "predicted_mib",
     "predict_error", "flops", "gflops_per_sec", "status", "error", "reference", "fwd_ms_iters",
-    "bwd_ms_iters", "phase_seconds", "worker_seconds", "env", "timestamp",
+    "bwd_ms_iters", "timing_cpu_share", "phase_seconds", "worker_seconds", "env", "timestamp",
 )
 
 
@@ -86,6 +90,22 @@ def read_rows(path: str | Path) -> list[dict]:
             raise ValueError(f"line {number} of {str(path)!r} is not a result row")
         rows.append(row)
     return rows
+
+
+def drop_partial_line(path: str | Path) -> None:
+    """Remove a last line cut short by an interrupted write, so that rows appended next start on
+    a line of their own."""
+    path = Path(path)
+    text = path.read_text()
+    if not text or text.endswith("\n"):
+        return
+    head, _, last = text.rpartition("\n")
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        path.write_text(head + "\n" if head else "")
+    else:
+        path.write_text(text + "\n")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:

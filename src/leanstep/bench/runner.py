@@ -23,6 +23,7 @@ _MEASURED_FIELDS = (
     "fwd_ms_mean", "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_median", "step_ms_iqr",
     "imgs_per_sec", "peak_mib", "reserved_mib", "memory", "predicted_mib", "predict_error",
     "flops", "gflops_per_sec", "params", "fwd_ms_iters", "bwd_ms_iters", "phase_seconds",
+    "timing_cpu_share",
 )
 
 
@@ -81,6 +82,9 @@ def make_row(case: Case, results: list[dict], env: dict, rounds: int = 1) -> dic
     backward = [run for result in results for run in result["bwd_ms_iters"]]
     row.update(fwd_ms_iters=forward, bwd_ms_iters=backward)
     row.update(summarize_times(forward, backward, case.batch_size))
+    wall = sum(result.get("timing_wall_s", 0.0) for result in results)
+    cpu = sum(result.get("timing_cpu_s", 0.0) for result in results)
+    row["timing_cpu_share"] = cpu / (wall * row["threads"]) if wall and row["threads"] else None
     for name in ("peak_mib", "reserved_mib", "memory", "flops"):
         row[name] = first.get(name)
     if row["flops"]:

@@ -50,13 +50,15 @@ def _settings(args: argparse.Namespace) -> tuple[str | None, int, float | None]:
 
 
 def _out_path(args: argparse.Namespace, suite: str) -> tuple[Path, set]:
-    from leanstep.bench.results import default_out_path, read_rows, row_key
+    from leanstep.bench.results import default_out_path, drop_partial_line, read_rows, row_key
 
     if args.resume:
         resume = Path(args.resume)
         if args.out and Path(args.out) != resume:
             raise ValueError("--resume FILE appends to FILE; give no other --out")
-        return resume, {row_key(row) for row in read_rows(resume)}
+        done = {row_key(row) for row in read_rows(resume)}
+        drop_partial_line(resume)
+        return resume, done
     out = Path(args.out) if args.out else default_out_path(suite)
     if out.exists():
         raise ValueError(f"{str(out)!r} exists; continue it with --resume {out}")
