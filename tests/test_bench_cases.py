@@ -197,3 +197,21 @@ def test_resume_drops_a_line_cut_short(tmp_path):
     drop_partial_line(path)
     append_row(path, {"name": "c", "group": "g", "suite": "s"})
     assert [row["name"] for row in read_rows(path)] == ["a", "c"]
+
+
+def test_flops_of_a_step_are_three_forwards_with_depthwise_convs():
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from leanstep.bench.step import TrainStep
+    from leanstep.bench.timing import count_flops
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    step = TrainStep(model, batch_size=2, image_size=8)
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(step.input)
+    assert count_flops(step) == 3 * forward.get_total_flops()

@@ -450,8 +450,8 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup", type=int, help="warm-up steps (default 5 on CPU, 2 on CUDA)")
     group.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     group.add_argument(
-        "--group", help="ad hoc: the comparison group's name; suite: run only these groups "
-        "(comma list)",
+        "--group", action="append", metavar="NAME",
+        help="ad hoc: the comparison group's name; suite: run only this group (repeatable)",
     )
 
 
@@ -567,12 +567,13 @@ def _suite_cases(args: argparse.Namespace) -> list[Case]:
         overrides.update(memory_batch_size=None, memory_image_size=None)
     cases = [dataclasses.replace(case, **overrides) for case in cases]
     if getattr(args, "group", None):
-        wanted = {name.lower() for name in _split(args.group)}
+        wanted = {name.strip().lower() for name in args.group}
         names = list(dict.fromkeys(case.group for case in cases))
         unknown = wanted - {name.lower() for name in names}
         if unknown:
             raise ValueError(
-                f"unknown group(s) {', '.join(sorted(unknown))}; groups: {', '.join(names)}"
+                f"unknown group(s) {', '.join(repr(n) for n in sorted(unknown))}; groups: "
+                f"{', '.join(repr(n) for n in names)}"
             )
         cases = [case for case in cases if case.group.lower() in wanted]
     return cases
@@ -583,7 +584,10 @@ def _adhoc_cases(args: argparse.Namespace) -> list[Case]:
     axes = _variant_axes(args)
     overrides = _scalar_overrides(args)
     suite = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.target).strip("-") or "adhoc"
-    group = getattr(args, "group", None) or args.target
+    groups = getattr(args, "group", None) or [args.target]
+    if len(groups) > 1:
+        raise ValueError(f"an ad hoc run is one group; got --group {' and '.join(groups)}")
+    group = groups[0]
     cases = []
     for model in models:
         for combination in itertools.product(*(values for _, _, values in axes)):
