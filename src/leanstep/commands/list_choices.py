@@ -13,14 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from leanstep.layers import list_activations, list_norms
+    from leanstep.models import list_models
 
-    choices = {"activations": list_activations, "norms": list_norms}
-    try:
-        from leanstep.models import list_models
-
-        choices["models"] = list_models
-    except ImportError:
-        pass
+    choices = {"activations": list_activations, "norms": list_norms, "models": list_models}
     for kind, names in choices.items():
         if args.kind in (None, kind):
             print(f"{kind}: {', '.join(names())}")
