@@ -1,11 +1,11 @@
 """The model zoo: reference state dicts, shapes, every norm x checkpoint, float64 equivalences.
 
-Key, shape and parameter-count checks (and the 64x64 output-shape check) build models on the
-meta device: no memory, no initialisation. The forward + backward runs of 19 models x 3 norms
-x 2 checkpoint forms use 32x32 inputs, where every model's last stage is 1x1 (five stride-2
-stages), to stay affordable on CPU. The float64 equivalence tests use 48x48 (32x32 for VGG),
-which leaves 2x2 maps in the last stage: with 1x1 maps and a batch of 2, BN's input gradient
-vanishes and would hide errors there.
+Key, shape and parameter-count checks build models on the meta device: no memory, no
+initialisation. The forward + backward runs of 19 models x 3 norms x 2 checkpoint forms (which
+also check output shapes, in_channels and num_classes) use 32x32 inputs, where every model's
+last stage is 1x1 (five stride-2 stages), to stay affordable on CPU. The float64 equivalence
+tests use 48x48 (32x32 for VGG), which leaves 2x2 maps in the last stage: with 1x1 maps and a
+batch of 2, BN's input gradient vanishes and would hide errors there.
 """
 
 from __future__ import annotations
@@ -123,17 +123,10 @@ def test_state_dict_matches_reference(name):
         assert sum(p.numel() for p in model.parameters()) == reference["params"], kwargs
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_parameter_count_and_output_shape(name):
-    """Published parameter counts where the reference file has none; (2, num_classes) outputs
-    at 64x64 with other in_channels and num_classes."""
-    if name in PUBLISHED_PARAMS:
-        model = _meta_model(name)
-        assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
-    model = _meta_model(name, in_channels=1, num_classes=7, checkpoint="blocks")
-    assert model(torch.empty(2, 1, 64, 64, device="meta")).shape == (2, 7)
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert first_conv.in_channels == 1
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_count_matches_published(name):
+    model = _meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
 
 
 def test_blocks_are_wrapped_in_checkpointed():
@@ -178,7 +171,8 @@ def test_state_dict_with_a_wrong_shape_does_not_load():
 
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward_every_norm_and_checkpoint(name):
-    """Weights are initialised once per model and shared by its six variants."""
+    """Output (2, num_classes) from a 2-channel input; a finite gradient for every parameter.
+    Weights are initialised once per model and shared by its six variants."""
     base = _materialised(_meta_model(name, in_channels=2, num_classes=5))
     x = torch.randn(2, 2, 32, 32)
     for norm, activation in NORMS:
@@ -301,7 +295,6 @@ def test_vgg16_pre_and_post_act_inplace_abn_and_checkpoint_are_equivalent():
     variants compute the same step; a PreAct InplaceABN checkpoint unit starts by writing in
     place over its input. 32x32 leaves 2x2 maps in VGG's last stage."""
     _check_equivalent("vgg16_bn", 32, {"activation": "leaky_relu"}, [
-        INPLACE,
         {**INPLACE, "checkpoint": 3},
         {"activation": "leaky_relu", "pre_act": True, "checkpoint": "blocks"},
         {**INPLACE, "pre_act": True, "checkpoint": "blocks"},
@@ -315,7 +308,6 @@ def test_efficientnet_b0_swish_me_and_checkpoint_are_equivalent():
     _check_equivalent("efficientnet_b0", SIZE, {"activation": "swish", **common}, [
         {"activation": "swish_me", **common},
         {"activation": "swish_me", "checkpoint": "blocks", **common},
-        {"activation": "swish", "checkpoint": 2, **common},
     ])
 
 
