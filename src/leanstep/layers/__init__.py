@@ -1,7 +1,7 @@
 """Drop-in layers that make a training step leaner in memory."""
 
 from .activations import INVERTIBLE_ACTIVATIONS, get_activation, list_activations
-from .checkpoint import Checkpointed, CheckpointedSequential
+from .checkpoint import Checkpointed, CheckpointedSequential, checkpointed_call
 from .norm_act import (
     ABN,
     BatchNormAct,
@@ -23,6 +23,7 @@ __all__ = [
     "InplaceABNSync",
     "SyncBatchNormAct",
     "check_norm_activation",
+    "checkpointed_call",
     "convert_sync",
     "get_activation",
     "get_norm_act",

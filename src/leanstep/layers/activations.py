@@ -136,8 +136,14 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     "mish_me": (lambda inplace: _FunctionModule("mish_me", _MishFunction.apply), ()),
     "mish_naive": (lambda inplace: _FunctionModule("mish_naive", _mish_naive), ()),
     "hard_swish": (lambda inplace: nn.Hardswish(inplace=inplace), ()),
-    "hard_swish_me": (lambda inplace: _FunctionModule("hard_swish_me", _HardSwishFunction.apply), ()),
-    "hard_swish_naive": (lambda inplace: _FunctionModule("hard_swish_naive", _hard_swish_naive), ()),
+    "hard_swish_me": (
+        lambda inplace: _FunctionModule("hard_swish_me", _HardSwishFunction.apply),
+        (),
+    ),
+    "hard_swish_naive": (
+        lambda inplace: _FunctionModule("hard_swish_naive", _hard_swish_naive),
+        (),
+    ),
 }
 _ALIASES = {"silu": "swish", "silu_me": "swish_me", "silu_naive": "swish_naive"}
 
@@ -183,5 +189,7 @@ def get_activation(name: str, inplace: bool = False, **params) -> nn.Module:
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) or "none"
-        raise ValueError(f"activation {name!r} got unknown parameter(s) {unknown}; allowed: {allowed}")
+        raise ValueError(
+            f"activation {name!r} got unknown parameter(s) {unknown}; allowed: {allowed}"
+        )
     return factory(inplace, **params)

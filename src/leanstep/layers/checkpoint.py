@@ -97,14 +97,14 @@ class Checkpointed(nn.Module):
 def _drop_wrapper_prefix(module, state_dict, prefix, local_metadata):
     inner = prefix + "module."
     for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
     return state_dict
 
 
 def _add_wrapper_prefix(state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     inner = prefix + "module."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
 class CheckpointedSequential(nn.Sequential):
@@ -121,6 +121,8 @@ class CheckpointedSequential(nn.Sequential):
         self.segment = segment
 
     def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
         children = list(self)
         for start in range(0, len(children), self.segment):
             x = checkpointed_call(nn.Sequential(*children[start : start + self.segment]), x)

@@ -108,7 +108,11 @@ def _reduce_stats(count, mean, var, group):
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     table = torch.cat(gathered)
-    counts, means, variances = table[:, :1], table[:, 1 : 1 + mean.numel()], table[:, 1 + mean.numel() :]
+    counts, means, variances = (
+        table[:, :1],
+        table[:, 1 : 1 + mean.numel()],
+        table[:, 1 + mean.numel() :],
+    )
     total = counts.sum()
     group_mean = (counts * means).sum(0) / total
     group_var = (counts * (variances + (means - group_mean) ** 2)).sum(0) / total
@@ -169,7 +173,13 @@ class _InplaceABNFunction(torch.autograd.Function):
             F.elu_(x, slope)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, mean, rstd, small, x_small)
-        ctx.activation, ctx.slope, ctx.group, ctx.count, ctx.eps = activation, slope, group, count, eps
+        ctx.activation, ctx.slope, ctx.group, ctx.count, ctx.eps = (
+            activation,
+            slope,
+            group,
+            count,
+            eps,
+        )
         return x
 
     @staticmethod
@@ -188,11 +198,14 @@ class _InplaceABNFunction(torch.autograd.Function):
             y = z.clone()
             dy = grad_output
         y, dy = y.to(acc), dy.to(acc)
-        # Undo the affine transform and normalisation in place: x = (y - beta) / (gamma * rstd) + mean.
+        # Undo the affine transform and the normalisation in place:
+        # x = (y - beta) / (gamma * rstd) + mean.
         w = weight.detach().to(acc) if weight is not None else torch.ones_like(mean)
         b = bias.detach().to(acc) if bias is not None else torch.zeros_like(mean)
         inverse_scale = 1.0 / (w * rstd)
-        x = torch.addcmul((mean - b * inverse_scale).view(shape), y, inverse_scale.view(shape), out=y)
+        x = torch.addcmul(
+            (mean - b * inverse_scale).view(shape), y, inverse_scale.view(shape), out=y
+        )
         if small is not None:
             x.index_copy_(1, small, x_small.to(acc))
         needs = list(ctx.needs_input_grad[:3])
@@ -307,15 +320,29 @@ class InplaceABN(BatchNormAct):
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats:
             return self.act(
-                F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps)
+                F.batch_norm(
+                    x,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
             )
         if not (x.requires_grad and not x.is_leaf):
             x = x.clone()
         track = self.training and self.track_running_stats and self.running_mean is not None
         return _InplaceABNFunction.apply(
-            x, self.weight, self.bias, self if track else None, self.eps,
-            self.activation_name, self.slope, self._group(),
+            x,
+            self.weight,
+            self.bias,
+            self if track else None,
+            self.eps,
+            self.activation_name,
+            self.slope,
+            self._group(),
         )
 
     def _group(self):
@@ -326,7 +353,9 @@ class InplaceABN(BatchNormAct):
 def _check_invertible(activation: str, activation_param: float | None) -> None:
     name = canonical_activation(activation)
     params = activation_parameter(name, activation_param)
-    if name not in INVERTIBLE_ACTIVATIONS or (name == "leaky_relu" and params.get("negative_slope", 0.01) <= 0):
+    if name not in INVERTIBLE_ACTIVATIONS or (
+        name == "leaky_relu" and params.get("negative_slope", 0.01) <= 0
+    ):
         raise ValueError(
             f"InplaceABN needs an invertible activation, got activation={activation!r}"
             f"{'' if activation_param is None else f' with parameter {activation_param}'}; "
@@ -360,7 +389,9 @@ def get_norm_act(name: str) -> type[nn.BatchNorm2d]:
     return _NORMS[name]
 
 
-def check_norm_activation(norm: str, activation: str, activation_param: float | None = None) -> None:
+def check_norm_activation(
+    norm: str, activation: str, activation_param: float | None = None
+) -> None:
     """Raise ValueError, before anything is built, if ``norm`` cannot work with ``activation``."""
     cls = get_norm_act(norm)
     canonical_activation(activation)

@@ -28,8 +28,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from leanstep.layers import get_activation, get_norm_act
-from leanstep.layers.checkpoint import checkpointed_call
+from leanstep.layers import checkpointed_call, get_activation, get_norm_act
 
 from .checkpointing import segment_size
 
