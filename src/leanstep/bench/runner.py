@@ -135,11 +135,11 @@ class _RichProgress:
 
     def start(self, case: Case, round_index: int, rounds: int) -> None:
         suffix = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
-        self.label = f"{case.group} / {case.name}{suffix}"
+        self.label = f"{case.name}{suffix}"
         self.phase("start")
 
     def phase(self, name: str) -> None:
-        self.progress.update(self.task, description=f"{self.label}: {name}")
+        self.progress.update(self.task, description=f"{name:<7} {self.label}")
 
     def advance(self) -> None:
         self.progress.advance(self.task)
