@@ -6,6 +6,7 @@ reserves around them (CUDA's caching allocator and cuDNN workspaces add to the l
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -62,7 +63,9 @@ def _tracked_peak(step_fn: Callable[[], object], tracked: tuple, device: torch.d
 
     tracker = MemTracker()
     tracker.track_external(*tracked)
-    with tracker:
+    with tracker, warnings.catch_warnings():
+        # MemTracker's module hooks warn for modules it only sees in a checkpoint's recompute.
+        warnings.filterwarnings("ignore", message="Module is None")
         step_fn()
     snapshot = tracker.get_tracker_snapshot("peak").get(device, {})
     memory = {
