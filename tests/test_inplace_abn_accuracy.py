@@ -1,7 +1,8 @@
 """InplaceABN in float32 against a float64 BatchNorm reference, over every gamma and beta.
 
 The bound: each gradient (input, weight, bias) within 1e-5 of the reference, relative to the
-largest |value| of its tensor (or of the terms it sums, where it cancels to about zero). Rebuilding the input from a float32 output loses it where
+largest |value| of its tensor (or of the terms it sums, where it cancels to about zero).
+Rebuilding the input from a float32 output loses it where
 |beta / gamma| is large or gamma == 0 (gamma = 1e-6, beta = 1e4 rounds every output of the
 channel to beta: nothing of the input is left in it), so those channels are exact only through
 their saved copy: with ``protect=1.0`` every channel may have one; with the default budget the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -23,15 +23,6 @@ from leanstep.layers import InplaceABN
 from leanstep.layers.inplace_abn_function import CONDITION_LIMIT
 
 BOUND = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gamma():

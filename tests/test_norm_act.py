@@ -289,11 +289,13 @@ def test_saved_bytes_are_one_input_plus_the_fixed_budget_whatever_the_weights():
     per_channel_bytes = input_bytes // 32
     module = InplaceABN(32)
     baseline = saved_tensor_bytes(module, x)
-    assert input_bytes + 2 * per_channel_bytes <= baseline <= input_bytes + 2 * per_channel_bytes + 64 * 8
+    budget_bytes = input_bytes + 2 * per_channel_bytes  # ceil(32 / 16) channels
+    assert budget_bytes <= baseline <= budget_bytes + 64 * 8
     with torch.no_grad():
         module.weight[[1, 5, 6]] = torch.tensor([0.0, 5e-4, -1e-6])
     assert saved_tensor_bytes(module, x) == baseline
-    assert saved_tensor_bytes(InplaceABN(32, protect=0.0), x) == baseline - 2 * per_channel_bytes - 16
+    unprotected = saved_tensor_bytes(InplaceABN(32, protect=0.0), x)
+    assert unprotected == baseline - 2 * per_channel_bytes - 2 * 8  # copy and its int64 index
 
 
 def test_saved_bytes_on_six_block_stack_inplace_abn_at_most_055_of_batchnorm_act():

@@ -198,21 +198,9 @@ class InplaceABN(BatchNormAct):
         )
 
     def __prepare_scriptable__(self):
-        """torch.jit.script cannot compile InplaceABN's autograd Function: an eval-mode layer is
-        scripted as its equivalent ABN (same parameters and buffers); training mode raises."""
-        if self.training:
-            raise RuntimeError(
-                _JIT_ERROR.format(self=type(self).__name__, how="torch.jit.script")
-            )
-        twin = ABN(
-            self.num_features, self.activation_name, self.activation_param, self.eps,
-            self.momentum, self.affine, self.track_running_stats,
-        )
-        for name, value in self._parameters.items():
-            twin._parameters[name] = value
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            twin._buffers[name] = self._buffers[name]
-        return twin.train(False)
+        """torch.jit.script cannot compile InplaceABN's autograd Function: one clear error.
+        (torch.jit.trace works in eval mode, where the layer is plain BatchNorm + activation.)"""
+        raise RuntimeError(_JIT_ERROR.format(self=type(self).__name__, how="torch.jit.script"))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, protect={self.protect:g}"
@@ -223,8 +211,8 @@ class InplaceABN(BatchNormAct):
 
 
 _JIT_ERROR = (
-    "{self} cannot be compiled by {how} in training mode (its training step is a custom "
-    "autograd Function): use torch.compile, norm='abn' for TorchScript, or call .eval() first"
+    "{self} cannot be compiled by {how} (its training step is a custom autograd Function): "
+    "use torch.compile, or norm='abn' for TorchScript"
 )
 
 
