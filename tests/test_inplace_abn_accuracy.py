@@ -152,3 +152,21 @@ def test_beyond_the_budget_is_counted():
     _, module = _errors(case, protect=1 / 16)
     assert module.protected_channels == 1
     assert module.unprotected_channels.item() == 2
+
+
+def test_budget_keeps_saved_bytes_at_most_040_of_batchnorm_act_on_the_layer_stack():
+    """The protection budget's copy must not cost ordinary weights (gamma = 1, beta = 0) the
+    saving: on the six-block stack of ``leanstep layers`` InplaceABN saves <= 0.40 of
+    BatchNormAct, whatever the weights (the copy's size is fixed)."""
+    from leanstep.bench.layer_bench import build_stack
+    from leanstep.bench.memory import saved_tensor_bytes
+
+    x = torch.ones(2, 3, 32, 32, requires_grad=True)
+    saved = {norm: saved_tensor_bytes(build_stack(norm, "leaky_relu"), x)
+             for norm in ("bn", "inplace_abn")}
+    assert saved["inplace_abn"] <= 0.40 * saved["bn"]
+    stack = build_stack("inplace_abn", "leaky_relu")
+    with torch.no_grad():
+        for layer in stack[1::2]:
+            layer.weight[:8] = 0.0  # far more ill-conditioned channels than the budget
+    assert saved_tensor_bytes(stack, x) == saved["inplace_abn"]
