@@ -159,26 +159,38 @@ class InplaceABNFunction(torch.autograd.Function):
         else:
             y = z.clone()
             dy = grad_output
-        y, dy = y.to(acc), dy.to(acc)
-        # Undo the affine transform and the normalisation in place: x = (y - beta) * a + mean
-        # with a = 1 / (gamma * invstd); a channel with gamma == 0 (left out of the budget)
-        # gets xhat = 0 instead of infinities.
         gamma, beta = _affine(weight, bias, mean)
-        scale = gamma * invstd
-        inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-        x = torch.addcmul((mean - beta * inverse).view(shape), y, inverse.view(shape), out=y)
-        if index.numel():
-            x.index_copy_(1, index, copy.to(acc))
         needs = list(ctx.needs_input_grad[:3])
-        if ctx.group is None:
-            grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                dy, x, gamma, None, None, mean, invstd, True, ctx.eps, needs
-            )
-        else:
+        if ctx.group is not None:
             from .sync_stats import group_backward
 
+            y, dy = y.to(acc), dy.to(acc)
+            inverse = torch.where(gamma == 0, torch.zeros_like(gamma), 1.0 / gamma)
+            x = y.sub_(beta.view(shape)).mul_(inverse.view(shape))
+            x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
+            if index.numel():
+                x[:, index] = copy.to(acc)
             grad_input, grad_weight, grad_bias = group_backward(
                 dy, x, gamma, mean, invstd, count, ctx.group, needs[0]
+            )
+        else:
+            # One native backward over y itself: its xhat is (y - centre) * spread, so for a
+            # channel rebuilt from the output centre = beta, spread = 1 / gamma, and the
+            # weight is gamma^2 * invstd (the input gradient's factor is weight * spread =
+            # gamma * invstd); a protected channel holds its saved input instead, with the
+            # batch's mean, invstd and gamma. A channel with gamma == 0 left out of the budget
+            # gets xhat = 0.
+            protected = torch.zeros(channels, dtype=torch.bool, device=z.device)
+            if index.numel():
+                y[:, index] = copy.to(y.dtype)
+                protected = protected.index_fill(0, index, True)
+            zero = gamma == 0
+            spread = torch.where(zero, torch.zeros_like(gamma), 1.0 / gamma)
+            centre = torch.where(protected, mean, beta)
+            spread = torch.where(protected, invstd, spread)
+            factor = torch.where(protected, gamma, gamma * gamma * invstd)
+            grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
         if grad_input is not None:
             grad_input = grad_input.to(grad_output.dtype)
