@@ -93,8 +93,9 @@ class ABN(BatchNormAct):
 class InplaceABN(BatchNormAct):
     """In-Place Activated BatchNorm: saves one full-size tensor per layer instead of two.
 
-    Training with batch statistics runs ``_InplaceABNFunction``: the output
-    act(gamma * xhat + beta) is written into the input's storage and only it is saved. Backward
+    Training with batch statistics runs ``InplaceABNFunction``: PyTorch's native batch-norm
+    kernel (the one ABN runs, running statistics included) writes act(gamma * xhat + beta) into
+    the input's storage, and only it is saved. Backward
     inverts the activation (hence ``leaky_relu`` with slope > 0, ``elu`` or ``identity`` only)
     and then the affine transform, xhat = (y - beta) / gamma.
 
@@ -115,8 +116,11 @@ class InplaceABN(BatchNormAct):
     sigmoid's output), autograd's version check raises "modified by an inplace operation" at
     backward: put InplaceABN after a convolution or linear layer, as models do.
 
-    Statistics are accumulated in float32 for float16/bfloat16 inputs; the output keeps the
-    input's dtype and memory format. Eval mode (running statistics) is plain BN + activation.
+    Statistics are accumulated in float32 for float16/bfloat16 inputs (and kept in float32 when
+    the module is float32, as under autocast); the output keeps the input's dtype and memory
+    format. ``momentum=None`` (cumulative average) is computed with device tensors, so unlike
+    ``nn.BatchNorm2d`` it does not read ``num_batches_tracked`` on the host. Eval mode (running
+    statistics) is plain BN + activation.
     """
 
     def __init__(
