@@ -38,7 +38,7 @@ class TrainStep:
         precision: str = "fp32",
         channels_last: bool = False,
         mode: str = "train",
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -53,8 +53,9 @@ class TrainStep:
         self.model = model.to(self.device, memory_format=memory_format)
         self.model.train(mode == "train")
         self.module = self.model
-        if compile:
-            self.module = torch.compile(self.model)
+        if compile:  # a string names a torch.compile backend ("eager" in tests)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.module = torch.compile(self.model, backend=backend)
         self.mode = mode
         self.precision = precision
         self.memory_format = memory_format
