@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 
 from leanstep.bench.layer_bench import VARIANTS, Variant, run_layer_bench
-from leanstep.cli import main
 from leanstep.bench.table import print_table
+from leanstep.cli import main
 from leanstep.commands.layers import table_lines
 
 EXPECTED_LABELS = [
