@@ -164,11 +164,8 @@ def _measure_rank(case: Case, launch: Launch, device: torch.device) -> dict:
     }
 
 
-_RANK_FIELDS = (
-    "rank", "local_rank", "host", "device", "batch_size", "threads", "fwd_ms_mean",
-    "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_median", "step_ms_iqr",
-    "imgs_per_sec", "peak_mib", "reserved_mib", "memory", "flops",
-)
+# Per-iteration lists stay out of a row's per-rank summaries (the row has the slowest rank's).
+_RANK_LISTS = ("fwd_ms_iters", "bwd_ms_iters")
 
 
 def _ddp_fields(launch: Launch, backend: str, ranks: list[dict] | None = None) -> dict:
@@ -178,7 +175,7 @@ def _ddp_fields(launch: Launch, backend: str, ranks: list[dict] | None = None) -
             rank_batch_sizes=[r["batch_size"] for r in ranks],
             rank_step_ms=[r["step_ms_median"] for r in ranks],
             rank_peak_mib=[r["peak_mib"] for r in ranks],
-            ranks=[{key: r[key] for key in _RANK_FIELDS} for r in ranks],
+            ranks=[{k: v for k, v in r.items() if k not in _RANK_LISTS} for r in ranks],
         )
     return fields
 
