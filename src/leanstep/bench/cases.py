@@ -132,7 +132,11 @@ def available_cores() -> int:
 
 
 def build_model(case: Case) -> nn.Module:
-    """The model ``case.model`` names, built with ``case.options``."""
+    """The model ``case.model`` names, built with ``case.options``.
+
+    The one place a case's model is made (worker, DDP ranks, predict, verify, validation on the
+    meta device): model transforms that apply to any spec belong right after the build here.
+    """
     return build_from_spec(
         case.model, num_classes=case.num_classes, in_channels=case.in_channels,
         options=case.options,

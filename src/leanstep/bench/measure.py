@@ -70,7 +70,9 @@ def compile_counts() -> dict:
     return {
         "compile_graphs": int(counters.get("stats", {}).get("unique_graphs", 0)),
         "compile_graph_breaks": int(sum(breaks.values())),
-        "compile_break_reasons": [str(reason)[:200] for reason in breaks][:_BREAK_REASONS],
+        "compile_break_reasons": [
+            (str(reason).strip().splitlines() or [""])[0][:200] for reason in breaks
+        ][:_BREAK_REASONS],
     }
 
 
