@@ -21,7 +21,7 @@ from . import efficientnet, resnet, vgg
 from .checkpointing import check_checkpoint
 from .features import as_features, check_out_indices
 from .heads import check_drop_rate, check_global_pool, check_num_classes
-from .pretrained import check_pretrained, load_pretrained
+from .pretrained import check_pretrained, load_pretrained, reference_source
 
 __all__ = ["create_model", "list_models"]
 
@@ -163,6 +163,8 @@ def create_model(
             f"allowed: {allowed}"
         )
     check_pretrained(pretrained, checkpoint_path)
+    if pretrained is True:
+        reference_source(name)  # the package to download with, or one line naming it
     if not isinstance(features_only, bool):
         raise ValueError(f"features_only must be True or False, got {features_only!r}")
     if features_only:
