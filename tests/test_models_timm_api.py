@@ -122,6 +122,7 @@ def test_out_indices_select_prune_and_accept_negatives():
     vgg = _meta("vgg11_bn", features_only=True, out_indices=(1,))
     assert vgg.feature_info.module_name() == ["features.5"]  # conv 4, norm 5, pool 7
     assert max(int(k) for k in vgg.features._modules) == 5  # built up to that norm
+    assert not hasattr(vgg, "classifier") and not hasattr(vgg, "avgpool")  # no head built
 
 
 def _share(model: nn.Module, name: str, **kwargs) -> nn.Module:
@@ -330,6 +331,11 @@ def test_pretrained_path_loads_and_adapts_like_timm(resnet18_file, tmp_path):
 
     encoder = create_model("resnet18", pretrained=path, features_only=True, out_indices=(0, 1))
     torch.testing.assert_close(encoder.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
+    vgg = create_model("vgg11_bn")
+    torch.save(vgg.state_dict(), tmp_path / "vgg.pth")
+    vgg_encoder = create_model("vgg11_bn", pretrained=tmp_path / "vgg.pth", features_only=True,
+                               out_indices=(0, 2))
+    torch.testing.assert_close(vgg_encoder.features[8].weight, vgg.features[8].weight)
 
     wrapped = tmp_path / "ddp.pt"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.items()}},

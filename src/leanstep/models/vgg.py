@@ -138,16 +138,17 @@ class VGG(TimmApiMixin, nn.Module):
         self.num_classes = num_classes
         self.num_features = channels
         self.head_hidden_size = 4096
-        self.avgpool = _pool(global_pool)
-        self.classifier = nn.Sequential(
-            nn.Linear(channels * 7 * 7, 4096),
-            get_activation(activation, inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),
-            get_activation(activation, inplace=True),
-            nn.Dropout(p=dropout),
-            classifier(4096, num_classes),
-        )
+        if features_until is None:  # a features-only VGG builds no head at all
+            self.avgpool = _pool(global_pool)
+            self.classifier = nn.Sequential(
+                nn.Linear(channels * 7 * 7, 4096),
+                get_activation(activation, inplace=True),
+                nn.Dropout(p=dropout),
+                nn.Linear(4096, 4096),
+                get_activation(activation, inplace=True),
+                nn.Dropout(p=dropout),
+                classifier(4096, num_classes),
+            )
         self._init_weights()
 
     @property
@@ -221,7 +222,9 @@ class VGG(TimmApiMixin, nn.Module):
         total = int(self.feature_info[-1]["module"].split(".")[1])
         self._pruned_prefixes = tuple(f"features.{i}." for i in range(built + 1, total + 1)) + (
             "classifier.",)
-        del self.avgpool, self.classifier
+        for name in ("avgpool", "classifier"):
+            if hasattr(self, name):
+                delattr(self, name)
 
 
 class _Pool7x7(nn.Module):
