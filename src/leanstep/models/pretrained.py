@@ -4,7 +4,9 @@
 .safetensors file (with the ``safetensors`` package). Accepted layouts: leanstep's own, which is
 torchvision's for VGG / ResNet / ResNeXt and timm's for SE-ResNeXt / EfficientNet, and timm's
 VGG (``pre_logits.fc1`` conv form, ``head.fc``); a checkpoint wrapped in ``{"state_dict": ...}``
-/ ``{"model": ...}`` or saved from DDP (``module.`` prefix) is unwrapped. As timm does, the
+/ ``{"model": ...}`` or saved from DDP (``module.`` prefix) is unwrapped. torchvision's
+EfficientNet (``features.N.M.block``) and the Cadene/pretrainedmodels SE-ResNeXt layouts are
+not translated. As timm does, the
 classifier is skipped when ``num_classes`` differs (the new head keeps its initialisation),
 the first conv is adapted to ``in_chans`` (summed for 1 channel, repeated and rescaled
 otherwise), and the parts a features-only model removed are skipped. Anything else missing,
@@ -217,6 +219,7 @@ def load_pretrained(model: nn.Module, name: str, source: object, *,
         parts = [f"{label} ({len(keys)}): {_shorten(keys)}" for label, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected),
                   ("wrong shapes", wrong)) if keys]
+        layouts = "torchvision or timm" if name in _TORCHVISION else "timm"
         raise ValueError(f"{where} does not fit {name}: {'; '.join(parts)}; expected a {name} "
-                         f"state dict in torchvision or timm layout")
+                         f"state dict in {layouts} layout")
     model.load_state_dict(state, strict=False)
