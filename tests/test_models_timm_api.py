@@ -238,7 +238,12 @@ def test_drop_rate_is_dropout_before_the_classifier():
     assert model.drop_rate == 0.5
     assert create_model("efficientnet_b0", drop_rate=0.1).dropout.p == 0.1
     assert create_model("efficientnet_b0").drop_rate == 0.2  # the variant's, unchanged
-    assert _meta("vgg11_bn", drop_rate=0.3).classifier[5].p == 0.3
+    vgg = _meta("vgg11_bn", drop_rate=0.3)
+    assert vgg.classifier[2].p == vgg.classifier[5].p == 0.3
+    vgg.drop_rate = 0.1  # settable, as timm's attribute
+    assert vgg.classifier[2].p == vgg.classifier[5].p == 0.1
+    with pytest.raises(ValueError, match=r"drop_rate must be a float in \[0, 1\), got 2"):
+        vgg.drop_rate = 2
     assert _meta("resnet18", drop_path_rate=0.1).layer4[1].drop_path.rate == pytest.approx(0.1)
 
 

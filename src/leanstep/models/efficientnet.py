@@ -28,7 +28,7 @@ from leanstep.layers import get_activation, get_norm_act
 
 from .checkpointing import stage
 from .features import TimmApiMixin
-from .heads import GlobalPool, check_head, classifier
+from .heads import GlobalPool, check_drop_rate, check_head, classifier
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -227,6 +227,11 @@ class EfficientNet(TimmApiMixin, nn.Module):
     def drop_rate(self) -> float:
         """Dropout before the classifier (timm's name; ``dropout`` in leanstep's options)."""
         return self.dropout.p
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        check_drop_rate("drop_rate", value)
+        self.dropout.p = float(value)
 
     def _init_weights(self) -> None:
         """The reference initialisation: convs N(0, 2 / fan_out) with fan_out = k*k*out/groups,

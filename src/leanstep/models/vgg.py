@@ -32,7 +32,7 @@ from leanstep.layers import checkpointed_call, get_activation, get_norm_act
 
 from .checkpointing import segment_size
 from .features import TimmApiMixin
-from .heads import check_global_pool, check_num_classes, classifier
+from .heads import check_drop_rate, check_global_pool, check_num_classes, classifier
 
 __all__ = ["DEFAULT_ACTIVATION", "OPTIONS", "VGG", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 
@@ -155,6 +155,11 @@ class VGG(TimmApiMixin, nn.Module):
     def drop_rate(self) -> float:
         """The MLP's dropout (timm's name; ``dropout`` in leanstep's options)."""
         return self.classifier[2].p
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        check_drop_rate("drop_rate", value)
+        self.classifier[2].p = self.classifier[5].p = float(value)
 
     def _init_weights(self) -> None:
         """torchvision's VGG initialisation: He-normal convs, N(0, 0.01) linears, BN 1 / 0."""
