@@ -406,8 +406,8 @@ def builders_forbidden(monkeypatch):
         ("vgg16_bn", {"drop_path_rate": 0.1}, r"no residual branches.*drop_path_rate"),
         ("efficientnet_b0", {"drop_path_rate": 1.0}, r"drop_path_rate must be a float in \[0, 1\)"),
         ("efficientnet_b0", {"dropout": -0.1}, r"dropout must be None"),
-        ("resnet18", {"num_classes": 0}, r"num_classes must be an int >= 1, got 0"),
-        ("resnet18", {"in_channels": 2.0}, r"in_channels must be an int >= 1, got 2.0"),
+        ("resnet18", {"num_classes": -1}, r"num_classes must be an int >= 0.*got -1"),
+        ("resnet18", {"in_channels": 2.0}, r"in_chans must be an int >= 1, got 2.0"),
     ],
 )
 def test_bad_arguments_raise_before_building(builders_forbidden, name, kwargs, message):
