@@ -10,21 +10,16 @@ batch of 2, BN's input gradient vanishes and would hide errors there.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from reference_data import REFERENCE_NAMES, load
 from torch import nn
 
 from leanstep.layers import Checkpointed
 from leanstep.models import create_model, efficientnet, list_models, resnet, vgg
 from leanstep.models.stochastic_depth import DropPath
-
-REFERENCE_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dicts.json"
-# Our names for the reference file's entries (timm calls it seresnext50_32x4d).
-REFERENCE_NAMES = {"seresnext50_32x4d": "se_resnext50_32x4d"}
 
 # Parameter counts published by torchvision / timm for the models the reference file lacks.
 PUBLISHED_PARAMS = {
@@ -44,10 +39,9 @@ NORMS = [("bn", None), ("abn", None), ("inplace_abn", "leaky_relu")]
 
 
 def _reference() -> dict:
-    if not REFERENCE_FILE.exists():
-        pytest.skip(f"reference file {REFERENCE_FILE} not present")
-    with REFERENCE_FILE.open() as f:
-        return {REFERENCE_NAMES.get(name, name): entry for name, entry in json.load(f).items()}
+    """tests/data/state_dicts.json under our model names; the test fails if it is missing."""
+    return {REFERENCE_NAMES.get(name, name): entry
+            for name, entry in load("state_dicts.json").items()}
 
 
 def _meta_model(name: str, **kwargs) -> nn.Module:
