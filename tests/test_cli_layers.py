@@ -9,8 +9,9 @@ import torch
 from rich.console import Console
 
 from leanstep.bench.layer_bench import VARIANTS, Variant, run_layer_bench
+from leanstep.bench.table import print_table
 from leanstep.cli import main
-from leanstep.commands.layers import render_table
+from leanstep.commands.layers import table_lines
 
 EXPECTED_LABELS = [
     "BatchNormAct+leaky_relu", "ABN+leaky_relu", "InplaceABN+leaky_relu", "ABN+relu",
@@ -63,7 +64,8 @@ def test_saved_memory_ranks_the_variants_as_expected(result):
 
 def test_table_shows_every_variant_and_its_ratios(result):
     console = Console(width=160, record=True)
-    console.print(render_table(result))
+    title, headers, lines, caption = table_lines(result)
+    print_table(headers, lines, title=title, caption=caption, out=console)
     text = console.export_text()
     assert "6 x [conv3x3 64, norm+act], batch 2, 8x8" in text
     for row in result["rows"]:
@@ -74,7 +76,7 @@ def test_table_shows_every_variant_and_its_ratios(result):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--batch", "0"), ("--size", "-3"), ("--iters", "0"), ("--threads", "0")],
+    [("--bs", "0"), ("--batch", "0"), ("--size", "-3"), ("--iters", "0"), ("--threads", "0")],
 )
 def test_bad_option_is_one_line_on_stderr_and_exit_code_2(capsys, option, value):
     assert main(["layers", option, value]) == 2
@@ -88,10 +90,22 @@ def test_one_value_per_channel_is_rejected_before_measuring():
         run_layer_bench(batch_size=1, image_size=1, iters=1, threads=1)
 
 
-def test_threads_are_restored_and_a_subset_of_variants_runs():
+def test_threads_are_set_for_the_run_and_restored_and_a_subset_of_variants_runs():
+    """The run uses the threads asked for (not those already set) and gives the previous
+    count back, also when a variant fails to build."""
     before = torch.get_num_threads()
-    result = run_layer_bench(batch_size=2, image_size=4, iters=1, threads=1,
-                             variants=[Variant("abn", "relu"), Variant("inplace_abn", "elu")])
+    threads = before + 1
+    during = set()
+    result = run_layer_bench(batch_size=2, image_size=4, iters=1, threads=threads,
+                             variants=[Variant("abn", "relu"), Variant("inplace_abn", "elu")],
+                             progress=lambda message: during.add(torch.get_num_threads()))
+    assert during == {threads}
+    assert result["config"]["threads"] == threads
     assert torch.get_num_threads() == before
     assert [row["variant"] for row in result["rows"]] == ["ABN+relu", "InplaceABN+elu"]
     assert result["rows"][1]["saved_ratio"] < 1
+
+    with pytest.raises(ValueError, match="no_such_norm"):
+        run_layer_bench(batch_size=2, image_size=4, iters=1, threads=threads,
+                        variants=[Variant("no_such_norm", "relu")])
+    assert torch.get_num_threads() == before
