@@ -11,8 +11,9 @@ the timed steps; torch.cuda.max_memory_allocated over one step after warm-up):
 2. stack: BatchNormAct vs ABN vs InplaceABN on the stack of ``leanstep layers``.
 3. resnet50 at the seed's batch (128, 224 px): the three norms in fp32, and ABN vs InplaceABN
    under float16 (with GradScaler) and bfloat16 autocast.
-4. seed: one row per group of suites/seed.toml (its first case; rows whose optional package is
-   missing are reported as skipped), with the seed's published ms and MiB beside ours.
+4. seed: one row per group of the seed suite (leanstep/suites/seed.toml: its InplaceABN case,
+   else its first; rows whose optional package is missing are reported as skipped), with the
+   seed's published ms and MiB beside ours.
 5. compile: eager vs torch.compile for ABN and InplaceABN on the stack and resnet50; compile
    time apart, and dynamo's graph and graph-break counts.
 
@@ -37,15 +38,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from leanstep.bench.cases import Case, build_model, load_suite, make_step, validate_case  # noqa: E402
+from leanstep.bench.cases import Case, build_model, make_step  # noqa: E402
 from leanstep.bench.layer_bench import build_stack  # noqa: E402
 from leanstep.bench.specs import MissingPackageError  # noqa: E402
 from leanstep.bench.step import TrainStep  # noqa: E402
+from leanstep.bench.suite import load_suite  # noqa: E402
+from leanstep.bench.validate import validate_case  # noqa: E402
 
 NORMS = ("bn", "abn", "inplace_abn")
 STACK = {"batch_size": 64, "image_size": 128}
 RESNET = {"model": "resnet50", "batch_size": 128, "image_size": 224}
-SEED_SUITE = ROOT / "suites" / "seed.toml"
+SEED_SUITE = "seed"  # the shipped suite of that name (leanstep/suites/seed.toml)
 WARMUP, ITERS, SEED_ITERS = 3, 10, 5
 MIB = 2**20
 
@@ -79,7 +82,7 @@ def _seed_rows() -> list[Row]:
     """One case per group of the seed suite (its InplaceABN case where it has one, else its
     first), at the seed's batch and image size."""
     groups: dict[str, Case] = {}
-    for case in load_suite(SEED_SUITE):
+    for case in load_suite(SEED_SUITE).cases:
         chosen = groups.get(case.group)
         if chosen is None or (case.options.get("norm") == "inplace_abn"
                               and chosen.options.get("norm") != "inplace_abn"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanstep.bench.cases import load_suite
+from leanstep.bench.suite import load_suite
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_check.py"
 
@@ -53,7 +53,7 @@ def test_dry_run_validates_every_row_and_runs_nothing_on_cuda(cuda_check, no_cud
         assert row["status"] == "validated (dry run)" or row["status"].startswith("skipped: pip")
         assert "step_ms" not in row
     seed = [row for row in rows if row["section"] == "seed"]
-    suite_groups = {case.group for case in load_suite(cuda_check.SEED_SUITE)}
+    suite_groups = {case.group for case in load_suite(cuda_check.SEED_SUITE).cases}
     assert sorted(row["group"] for row in seed) == sorted(suite_groups)  # one row per group
     assert all(row["reference_ms"] for row in seed)
     assert any("InplaceABN" in row["label"] for row in seed)
