@@ -26,7 +26,7 @@ from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -147,7 +147,7 @@ class InvertedResidual(nn.Module):
         return self.drop_path(out) + x if self.has_skip else out
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(GradCheckpointing, nn.Module):
     """Stem (3x3 stride-2 conv, norm+act), seven stages of MBConv blocks, 1x1 head, classifier."""
 
     def __init__(

@@ -21,7 +21,7 @@ from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -122,7 +122,7 @@ class Bottleneck(nn.Module):
         return self.act(self.drop_path(out) + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(GradCheckpointing, nn.Module):
     """Stem (7x7 conv, norm+act, 3x3 max pool), four stages of blocks, average pool, ``fc``.
 
     Drop path grows linearly with the block index, from 0 at the first block to

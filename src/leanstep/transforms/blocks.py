@@ -29,7 +29,14 @@ _SLICE = re.compile(r"^(?P<parent>.*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 
 
 def _composite(module: nn.Module) -> bool:
-    return any(True for _ in module.children())
+    """Has a sub-module with parameters (a norm+activation layer's parameter-free ``act``
+    does not make it composite)."""
+    return any(True for child in module.children() for _ in child.parameters())
+
+
+def _stage_like(module: nn.Module) -> bool:
+    """A container of blocks (rather than a block that happens to be a Sequential)."""
+    return isinstance(module, _CONTAINERS) and any(_composite(c) for c in module.children())
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -76,11 +83,11 @@ def _auto(module: nn.Module, prefix: str, found: list) -> None:
     children = list(module.named_children())
     if isinstance(module, _CONTAINERS):
         composite = [(n, c) for n, c in children if _composite(c) and _has_params(c)]
-        if composite and all(isinstance(c, _CONTAINERS) for _, c in composite):
+        if composite and all(_stage_like(c) for _, c in composite):
             for name, child in composite:
                 _auto(child, _join(prefix, name), found)
             return
-        if composite and not any(isinstance(c, _CONTAINERS) for _, c in composite):
+        if composite:  # blocks, and maybe a stem such as torchvision's Conv2dNormActivation
             found.extend((_join(prefix, n), c) for n, c in composite)
             return
         if not composite and isinstance(module, nn.Sequential):

@@ -28,26 +28,13 @@ def _weighted_count(module: nn.Module) -> int:
     return sum(isinstance(m, _WEIGHTED) for m in module.modules())
 
 
-def _left_plain(model: nn.Module, names: list[str]) -> list[tuple[str, str]]:
-    """Parameterised leaf modules outside every block."""
-    units = []
-    for name in names:
-        if "[" in name:
-            parent, rest = name.rstrip("]").split("[")
-            start, stop = (int(v) for v in rest.split(":"))
-            units.append((parent, start, stop))
-    left = []
-    for qual, module in model.named_modules():
-        if any(True for _ in module.children()) or not any(
-                True for _ in module.parameters(recurse=False)):
-            continue
-        if "" in names or any(qual == n or qual.startswith(n + ".") for n in names):
-            continue
-        head, _, tail = qual.rpartition(".")
-        if tail.isdigit() and any(p == head and a <= int(tail) < b for p, a, b in units):
-            continue
-        left.append((qual or "(model)", "outside the blocks"))
-    return left
+def _left_plain(model: nn.Module, blocks: list[tuple[str, nn.Module]]
+                ) -> list[tuple[str, str]]:
+    """Modules with parameters of their own outside every block."""
+    covered = {id(m) for _, block in blocks for m in block.modules()}
+    return [(name or "(model)", "outside the blocks")
+            for name, module in model.named_modules()
+            if id(module) not in covered and any(True for _ in module.parameters(recurse=False))]
 
 
 def _clear_segment(parent: nn.Module, start: int, stop: int, mode: str) -> None:
@@ -120,7 +107,7 @@ def apply_regions(model: nn.Module, mode: str, blocks, *, every: int = 1,
         summary.segments.append(names)
         summary.blocks.extend(names)
         summary.weighted += sum(_weighted_count(b) for _, b in members)
-    summary.left = _left_plain(model, summary.blocks)
+    summary.left = _left_plain(model, blocks)
     return summary
 
 

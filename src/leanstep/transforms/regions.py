@@ -66,6 +66,7 @@ class _Store:
     def __init__(self, name: str):
         self.name = name
         self.counts: dict = {}
+        self.sequence: list = []
         self.entries: dict = {}
         self.kept = 0
         self.overwritten = 0
@@ -95,6 +96,7 @@ class _KeepMode(TorchDispatchMode):
             return out
         index = self.counter[func]
         self.counter[func] += 1
+        self.store.sequence.append(func)
         if func in KEEP_OPS and isinstance(out, torch.Tensor):
             self.store.entries[(func, index)] = (_detach(out), out._version)
         return out
@@ -118,6 +120,7 @@ class _ReplayMode(TorchDispatchMode):
         super().__init__()
         self.store = store
         self.counter: dict = defaultdict(int)
+        self.position = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -125,11 +128,14 @@ class _ReplayMode(TorchDispatchMode):
             return func(*args, **kwargs)
         index = self.counter[func]
         self.counter[func] += 1
-        if index >= self.store.counts.get(func, 0):
+        sequence, position = self.store.sequence, self.position
+        self.position += 1
+        if position >= len(sequence) or sequence[position] is not func:
+            expected = sequence[position] if position < len(sequence) else "nothing more"
             raise RuntimeError(
-                f"leanstep.lean: block {self.store.name!r} ran {func} more often in the "
-                f"recompute than in the forward pass: its forward depends on data or global "
-                f"state, which lean cannot replay; use checkpoint_blocks or leave it plain"
+                f"leanstep.lean: block {self.store.name!r} ran {func} where its forward pass "
+                f"ran {expected} (op {position}): its forward depends on data or global state, "
+                f"which lean cannot replay; use checkpoint_blocks or leave it plain"
             )
         entry = self.store.entries.pop((func, index), None)
         if entry is not None and entry[0]._version == entry[1]:
@@ -174,7 +180,8 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
         nonlocal calls, writes_inputs, stateful
         calls += 1
         if calls == 1:
-            copies = _copies(inputs)
+            with store.pause():
+                copies = _copies(inputs)
             tensors = [t for t in copies if isinstance(t, torch.Tensor)]
             before, buffers_before = _versions(tensors), _versions(buffers)
             output = fn(*copies, **kw)
@@ -184,7 +191,8 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
                         if b._version != v or id(b) in norm_buffers]
             return output
         if writes_inputs:
-            inputs = _copies(inputs)
+            with store.pause():
+                inputs = _copies(inputs)
         with _restored(stateful, store):
             return fn(*inputs, **kw)
 
