@@ -125,3 +125,14 @@ def test_untraceable_forward_is_left_with_the_reason():
     with pytest.warns(UserWarning, match="nothing to convert"):
         summary = leanstep.convert_norm_act(Branchy(), "abn")
     assert "cannot be traced" in summary.left[0][1]
+
+
+def test_lean_then_convert_keeps_both_exact():
+    plain = TimmNet().double()
+    model = copy.deepcopy(plain)
+    leanstep.lean(model)
+    summary = leanstep.convert_norm_act(model, "abn")
+    assert dict(summary.converted)["bn1"] == "swish"  # the stem, inside lean's stem chain
+    assert "conv_stem+bn1" in str(leanstep.transforms.last_summary("lean"))
+    assert verify_models([("plain", plain), ("lean+abn", model)], batch_size=4, image_size=16,
+                         tolerance=1e-10)["passed"]

@@ -101,7 +101,7 @@ def test_idempotent_and_switchable():
     assert region_state(model.layer1[0]) is None and "forward" not in model.layer1[0].__dict__
     leanstep.lean(model)
     leanstep.lean(model, enable=False)
-    assert all(region_state(m) is None for m in model.modules())
+    assert all(region_state(m) is None and "forward" not in m.__dict__ for m in model.modules())
 
 
 def test_eval_and_no_grad_run_the_plain_forward(monkeypatch):
@@ -134,8 +134,9 @@ def test_lean_of_one_block_and_of_a_blockless_module():
 def test_summary_names_blocks_and_what_is_left():
     leanstep.lean(TorchvisionResNet())
     text = str(last_summary("lean"))
-    assert "4 block(s)" in text and "layer1.0" in text
-    assert "conv1" in text and "fc" in text and "outside the blocks" in text
+    assert "5 block(s)" in text and "layer1.0" in text
+    assert "conv1+bn1+relu+maxpool" in text  # the stem chain of the model's own forward
+    assert "left plain (1): fc (outside the blocks)" in text
 
 
 def test_nothing_to_transform_warns_and_returns_unchanged():

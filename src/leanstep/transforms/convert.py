@@ -30,8 +30,10 @@ from leanstep.layers.activations import activation_parameter, canonical_activati
 from leanstep.layers.norm_act import BatchNormAct
 from leanstep.layers.sync import SyncBatchNormAct
 
+from .outside import lean_outside, remove_outside
 from .regions import region_state
 from .summary import ConversionSummary, _remember
+from .tracing import trace_one_level
 
 __all__ = ["CONVERT_NORMS", "convert_norm_act"]
 
@@ -110,11 +112,6 @@ def _describe(activation: str | None, param: float | None) -> str:
     return activation if param is None else f"{activation}({param:g})"
 
 
-class _OneLevel(torch.fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return True
-
-
 def _sequential_pairs(parent: nn.Sequential, prefix: str) -> list[_Pair]:
     names = list(parent._modules)
     pairs = []
@@ -134,7 +131,7 @@ def _traced_pairs(parent: nn.Module, prefix: str, left: list) -> tuple[list[_Pai
     children = {name for name, child in parent.named_children()
                 if isinstance(child, _BN) and not isinstance(child, BatchNormAct)}
     try:
-        graph = _OneLevel().trace(parent)
+        graph = trace_one_level(parent)
     except Exception as error:  # noqa: BLE001 - any tracing failure: leave this module's BNs
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         for name in sorted(children):
@@ -212,6 +209,7 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
         activation_parameter(activation, activation_param)
     summary = ConversionSummary(norm=norm)
     plans: list[tuple[_Pair, str, float | None]] = []
+    relean: list[nn.Module] = []
     graphs: dict[int, tuple[nn.Module, object]] = {}
     for prefix, parent in list(model.named_modules()):
         if isinstance(parent, SyncBatchNormAct):
@@ -224,6 +222,8 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
         if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             pairs = _sequential_pairs(parent, prefix)
         else:
+            if remove_outside(parent):  # lean's stem chains hide the layers: trace them again
+                relean.append(parent)
             pairs, graph = _traced_pairs(parent, prefix, summary.left)
             if graph is not None:
                 graphs[id(parent)] = (parent, graph)
@@ -256,6 +256,8 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
                     continue
             plans.append((pair, target, param))
     if not plans:
+        for parent in relean:
+            lean_outside(parent, summary.notes)
         bns = sum(isinstance(m, _BN) and not isinstance(m, BatchNormAct) for m in model.modules())
         warnings.warn(f"convert_norm_act: nothing to convert in {type(model).__name__} "
                       f"({bns} BatchNorm(s), {len(summary.left)} left); model returned unchanged",
@@ -278,6 +280,8 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
     for key in rewritten:
         parent, graph = graphs[key]
         _rebind(parent, graph)
+    for parent in relean:
+        lean_outside(parent, summary.notes)
     if summary.changes_outputs:
         warnings.warn(f"convert_norm_act: activation replaced by {activation!r}: the model's "
                       f"outputs change (pretrained weights expect the old activation)",

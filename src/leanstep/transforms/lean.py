@@ -15,6 +15,7 @@ import warnings
 from torch import nn
 
 from .blocks import Unit, find_blocks
+from .outside import lean_outside, remove_outside
 from .regions import clear_region, install_region, region_state
 from .summary import TransformSummary, _remember
 
@@ -116,11 +117,13 @@ def lean(model: nn.Module, blocks=None, *, enable: bool = True, report: bool = F
     """Make ``model``'s training step keep fewer activations, in place; returns ``model``.
 
     Each block (``find_blocks``; ``blocks=`` names them; a model or sub-module without stage
-    containers is one block itself) becomes a lean region: in backward, the cheap ops are
-    recomputed from the kept conv/matmul outputs. Exact: loss, gradients and running statistics
-    equal the plain model's. Idempotent; ``enable=False`` removes it. ``report=True`` logs the
-    summary (logger "leanstep"); it is always available as
-    ``leanstep.transforms.last_summary("lean")``.
+    containers is one block itself) becomes a lean region, and with ``blocks=None`` so does
+    each chain of layers that the model's own forward runs outside the blocks, from a conv or
+    linear layer on (the stem: ``conv1+bn1+relu+maxpool``; traced with torch.fx): in
+    backward, the cheap ops are recomputed from the kept conv/matmul outputs. Exact: loss,
+    gradients and running statistics equal the plain model's. Idempotent; ``enable=False``
+    removes it. ``report=True`` logs the summary (logger "leanstep"); it is always available
+    as ``leanstep.transforms.last_summary("lean")``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lean needs an nn.Module, got {type(model).__name__}")
@@ -142,6 +145,14 @@ def lean(model: nn.Module, blocks=None, *, enable: bool = True, report: bool = F
     summary = apply_regions(model, "lean", found, enable=enable)
     if found == [("", model)]:
         summary.notes.append("no stage containers: the whole module is one region")
+    elif not enable:
+        remove_outside(model)
+    elif blocks is None:
+        chains = lean_outside(model, summary.notes)
+        layers = {layer for chain in chains for layer in chain.split("+")}
+        summary.blocks.extend(chains)
+        summary.segments.extend([chain] for chain in chains)
+        summary.left = [(name, why) for name, why in summary.left if name not in layers]
     _remember("lean", summary)
     if report:
         for line in summary.lines():
