@@ -187,3 +187,28 @@ def test_inplace_abn_zoo_model_lean_is_exact():
     model = leanstep.lean(copy.deepcopy(plain))
     assert verify_models([("plain", plain), ("lean", model)], batch_size=2, image_size=32,
                          tolerance=1e-10)["passed"]
+
+
+def test_mixed_choices_per_block_are_exact():
+    """A plan may lean some blocks and checkpoint others (issue 10): both orders, exact."""
+    from transform_models import vgg
+
+    plain = vgg().double()
+    for order in ("lean first", "checkpoint first"):
+        model = copy.deepcopy(plain)
+        if order == "lean first":
+            leanstep.lean(model, blocks=["[0:3]", "[7:13]"])
+            leanstep.checkpoint_blocks(model, blocks=["[3:7]"])
+        else:
+            leanstep.checkpoint_blocks(model, blocks=["[3:7]"])
+            leanstep.lean(model, blocks=["[0:3]", "[7:13]"])
+        modes = sorted(mode for _, mode, _ in region_state(model).segments.values())
+        assert modes == ["checkpoint", "lean", "lean"], order
+        assert verify_models([("plain", plain), (order, model)], batch_size=4, image_size=16,
+                             tolerance=1e-10)["passed"]
+    resnet = TorchvisionResNet().double()
+    model = copy.deepcopy(resnet)
+    leanstep.lean(model, blocks=["layer1.0", "layer2.1"])
+    leanstep.checkpoint_blocks(model, blocks=["layer1.1", "layer2.0"])
+    assert verify_models([("plain", resnet), ("mixed", model)], batch_size=4, image_size=16,
+                         tolerance=1e-10)["passed"]

@@ -73,6 +73,13 @@ def apply_regions(model: nn.Module, mode: str, blocks, *, every: int = 1,
         if isinstance(block, Unit):
             parent, start, stop = block.parent, block.start, block.stop
             parent_name = name.split("[")[0]
+            if mode == "lean" and every == 1 and isinstance(parent[start], _WEIGHTED):
+                # A lean run starts after its unit's conv and takes in the next unit's conv:
+                # its input is then a kept conv output, not a second saved tensor.
+                start, stop = start + 1, min(stop + 1, len(parent))
+                following = region_state(parent)
+                if following is not None and stop - 1 in following.segments:
+                    stop -= 1
         else:
             parent_name, _, tail = name.rpartition(".")
             parent = modules.get(parent_name) if name else None

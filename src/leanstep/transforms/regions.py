@@ -296,8 +296,13 @@ def install_region(module: nn.Module, mode: str | None, *, name: str = "",
         return
     state = _attach(module)
     for other in list(state.segments):
-        other_stop = state.segments[other][0]
-        if other < stop and start < other_stop:  # overlapping runs: the new one replaces them
+        other_stop, other_mode, other_name = state.segments[other]
+        if not (other < stop and start < other_stop):
+            continue
+        if other_mode == "lean" and other < start < other_stop <= start + 1:
+            # a lean run reaching one layer (the next unit's conv) into the new one: shorten it
+            state.segments[other] = (start, other_mode, other_name)
+        else:  # overlapping runs: the new one replaces them
             del state.segments[other]
     if mode is not None:
         state.segments[start] = (stop, mode, name)
