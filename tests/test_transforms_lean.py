@@ -212,3 +212,17 @@ def test_mixed_choices_per_block_are_exact():
     leanstep.checkpoint_blocks(model, blocks=["layer1.1", "layer2.0"])
     assert verify_models([("plain", resnet), ("mixed", model)], batch_size=4, image_size=16,
                          tolerance=1e-10)["passed"]
+
+
+@pytest.mark.parametrize("package, build", [
+    ("torchvision", lambda: __import__("torchvision").models.resnet18(num_classes=4)),
+    ("timm", lambda: __import__("timm").create_model("efficientnet_b0", num_classes=4)),
+])
+def test_real_timm_and_torchvision_models(package, build):
+    pytest.importorskip(package, reason=f"{package} is not installed (optional)")
+    plain = build().double()
+    for transform in ("lean", "checkpoint"):
+        model = copy.deepcopy(plain)
+        TRANSFORMS[transform](model)
+        assert verify_models([("plain", plain), (transform, model)], batch_size=2,
+                             image_size=32, tolerance=1e-10)["passed"]

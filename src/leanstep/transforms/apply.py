@@ -34,8 +34,7 @@ def apply(model: nn.Module, *, lean: bool = False, checkpoint: None | str | int 
 
     ``convert``: None, "abn" or "inplace_abn" (``activation`` as ``convert_norm_act``);
     ``checkpoint``: None, "blocks" or an int N (segments of N blocks); ``lean``: recompute cheap
-    ops in the blocks that are not checkpointed (and in the whole model when checkpointing
-    takes every block, nothing more is left to lean).
+    ops in what checkpointing leaves (blocks it does not take, the stem and head chains).
     """
     summary = AppliedSummary()
     if convert is not None:
