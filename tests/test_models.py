@@ -18,7 +18,7 @@ from reference_data import REFERENCE_NAMES, load
 from torch import nn
 
 from leanstep.bench.memory import saved_tensor_bytes
-from leanstep.layers import Checkpointed, get_norm_act
+from leanstep.layers import get_norm_act
 from leanstep.layers.activations import canonical_activation
 from leanstep.models import create_model, efficientnet, list_models, resnet, vgg
 from leanstep.models.stochastic_depth import DropPath
@@ -125,11 +125,19 @@ def test_parameter_count_matches_published(name):
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
 
 
-def test_blocks_are_wrapped_in_checkpointed():
+def test_checkpointed_blocks_keep_their_names():
+    """checkpoint="blocks" recomputes every block without wrapping it: same names and paths."""
+    from leanstep.transforms.regions import region_state
+
+    for name in ("resnet50", "efficientnet_b0"):
+        plain, model = _meta_model(name), _meta_model(name, checkpoint="blocks")
+        assert [n for n, _ in model.named_parameters()] == [
+            n for n, _ in plain.named_parameters()]
+        blocks = list(model.layer3) if name == "resnet50" else [
+            b for stage in model.blocks for b in stage]
+        assert all(region_state(b).mode == "checkpoint" for b in blocks)
     model = _meta_model("resnet50", checkpoint="blocks")
-    assert all(isinstance(block, Checkpointed) for block in model.layer3)
-    model = _meta_model("efficientnet_b0", checkpoint="blocks")
-    assert all(isinstance(block, Checkpointed) for stage in model.blocks for block in stage)
+    assert type(model.layer1[0].bn1).__name__ == "BatchNormAct"
 
 
 def test_reference_shaped_state_dicts_load_strict():

@@ -26,7 +26,7 @@ from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
 from .features import TimmApiMixin
 from .heads import GlobalPool, check_drop_rate, check_head, classifier
 from .stochastic_depth import DropPath
@@ -155,11 +155,12 @@ class InvertedResidual(nn.Module):
         return self.drop_path(out) + x if self.has_skip else out
 
 
-class EfficientNet(TimmApiMixin, nn.Module):
+class EfficientNet(TimmApiMixin, GradCheckpointing, nn.Module):
     """Stem (3x3 stride-2 conv, norm+act), seven stages of MBConv blocks, 1x1 head, classifier.
 
     timm's interface: ``forward_features`` (through ``conv_head`` / ``bn2``), ``forward_head``
-    (pool, dropout, ``classifier``), ``reset_classifier``, ``feature_info``.
+    (pool, dropout, ``classifier``), ``reset_classifier``, ``feature_info``,
+    ``set_grad_checkpointing``.
     """
 
     def __init__(

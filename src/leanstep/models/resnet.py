@@ -22,7 +22,7 @@ from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
 from .features import TimmApiMixin
 from .heads import GlobalPool, check_head, classifier
 from .stochastic_depth import DropPath
@@ -128,11 +128,12 @@ class Bottleneck(nn.Module):
         return self.act(self.drop_path(out) + shortcut)
 
 
-class ResNet(TimmApiMixin, nn.Module):
+class ResNet(TimmApiMixin, GradCheckpointing, nn.Module):
     """Stem (7x7 conv, norm+act, 3x3 max pool), four stages of blocks, global pool, ``fc``.
 
     timm's interface: ``forward_features`` (the last stage's map), ``forward_head`` (pool,
-    dropout ``drop_rate``, ``fc``), ``reset_classifier``, ``feature_info``.
+    dropout ``drop_rate``, ``fc``), ``reset_classifier``, ``feature_info``,
+    ``set_grad_checkpointing``.
 
     Drop path grows linearly with the block index, from 0 at the first block to
     ``drop_path_rate`` at the last (as timm). Last-norm weights start at 1, not 0: an InplaceABN

@@ -28,7 +28,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from leanstep.layers import checkpointed_call, get_activation, get_norm_act
+from leanstep.layers import get_activation, get_norm_act
+from leanstep.transforms import checkpoint_blocks
 
 from .checkpointing import segment_size
 from .features import TimmApiMixin
@@ -52,28 +53,35 @@ CONFIGS = {
 
 
 class VGGFeatures(nn.Sequential):
-    """torchvision's ``features`` Sequential, run unit by unit when checkpointing.
+    """torchvision's ``features`` Sequential, whose units can be recomputed in backward.
 
     A unit spans two or three of torchvision's indices (conv and norm, plus a pool), so it
     cannot be one wrapped child without renaming keys. Instead the children stay where
     torchvision has them and each segment of ``segment`` consecutive units is recomputed in
-    backward through ``checkpointed_call`` (non-reentrant checkpoint, BN statistics updated
-    once, inputs protected from a first layer that writes in place, as a PreAct InplaceABN
-    does). ``segment == 0`` runs the plain Sequential.
+    backward by ``leanstep.transforms.checkpoint_blocks`` on the unit slices (``"[0:2]"``):
+    non-reentrant checkpoint, BN statistics updated once, inputs protected from a first layer
+    that writes in place, as a PreAct InplaceABN does. ``segment == 0``: plain.
     """
 
     def __init__(self, layers: OrderedDict[str, nn.Module], units: list[list[str]], segment: int):
         super().__init__(layers)
         self.units = units
-        self.segment = segment
+        self.segment = 0
+        self.set_segment(segment)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.segment == 0 or not (self.training and torch.is_grad_enabled()):
-            return super().forward(x)
-        for start in range(0, len(self.units), self.segment):
-            names = [name for unit in self.units[start : start + self.segment] for name in unit]
-            x = checkpointed_call(nn.Sequential(*(self._modules[name] for name in names)), x)
-        return x
+    def unit_slices(self) -> list[str]:
+        """The units as slices of this Sequential (positions, not torchvision's index names),
+        as ``find_blocks`` names them."""
+        position = {name: i for i, name in enumerate(self._modules)}
+        return [f"[{position[unit[0]]}:{position[unit[-1]] + 1}]" for unit in self.units]
+
+    def set_segment(self, segment: int) -> None:
+        """Recompute segments of ``segment`` units in backward (0: none)."""
+        if self.segment:
+            checkpoint_blocks(self, blocks=self.unit_slices(), enable=False)
+        if segment:
+            checkpoint_blocks(self, every=segment, blocks=self.unit_slices())
+        self.segment = segment
 
     def extra_repr(self) -> str:
         return f"units={len(self.units)}, checkpoint_segment={self.segment}"
@@ -230,6 +238,11 @@ class VGG(TimmApiMixin, nn.Module):
         for name in ("avgpool", "classifier"):
             if hasattr(self, name):
                 delattr(self, name)
+
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """timm's switch: recompute ``features`` in segments of ``every`` units (or stop)."""
+        self.features.set_segment(every if enable else 0)
 
 
 class _Pool7x7(nn.Module):
