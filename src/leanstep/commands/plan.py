@@ -121,6 +121,12 @@ def _check(args: argparse.Namespace) -> tuple[int, tuple[int, int], dict]:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.measure and args.optimizer != "sgd":
+        raise ValueError(f"--measure runs leanstep bench, whose step uses SGD: it cannot measure "
+                         f"--optimizer {args.optimizer} yet (issue 13)")
+    if args.measure and size[0] != size[1]:
+        raise ValueError(f"--measure runs leanstep bench, whose inputs are square: it cannot "
+                         f"measure {size[0]}x{size[1]} yet (issue 13)")
     options = _options(args)
     case = _case(args, options, batch_size, size)
     validate_case(case, require_device=args.calibrate or args.measure)
@@ -208,7 +214,15 @@ def _measured(row: dict) -> dict:
 
 
 def _mib(value: float) -> str:
+    if value < 1:
+        return f"{value * 1024:.0f} KiB"
+    if value < 100:
+        return f"{value:.2f} MiB"
     return f"{value:.1f} MiB" if value < 10240 else f"{value / 1024:.2f} GiB"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1e3:.1f} ms"
 
 
 def _print(args: argparse.Namespace, result) -> None:
@@ -237,7 +251,7 @@ def _print(args: argparse.Namespace, result) -> None:
     for key, (label, figures) in zip(("plan", "lean", "checkpoint", "plain"), rows, strict=True):
         line = [label, _mib(figures["predicted_mib"]),
                 f"{100 * figures['predicted_mib'] / budget:.0f}%",
-                f"{figures['estimated_step_s']:.2f} s", f"{figures['slowdown']:.2f}x",
+                _seconds(figures["estimated_step_s"]), f"{figures['slowdown']:.2f}x",
                 str(figures.get("max_batch", "-"))]
         if measured:
             row = measured.get(key)
@@ -246,7 +260,7 @@ def _print(args: argparse.Namespace, result) -> None:
             elif row["status"] != "ok":
                 line += [row["status"], "-"]
             else:
-                line += [_mib(row["peak_mib"]), f"{row['step_ms'] / 1e3:.2f} s"]
+                line += [_mib(row["peak_mib"]), _seconds(row["step_ms"] / 1e3)]
         lines.append(tuple(line))
     print(text_table(tuple(headers), lines))
     plan_s = report["plan"]["estimated_step_s"]

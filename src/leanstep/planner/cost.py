@@ -1,18 +1,20 @@
 """The time estimate: what each choice's extra work costs, in seconds.
 
-Every operation of a traced step is costed as a simple roofline would split it:
+Every operation of a traced step is costed by a roofline:
 
-    seconds = FLOPs / F      for compute operations (convolutions, matmuls: torch's FLOP formulas)
-            + bytes / B      for every other operation (bytes read and written: normalisation,
-                             activations, elementwise, pooling, copies)
-            + o              per operation (dispatch and launch overhead)
+    seconds = max(FLOPs / F, bytes / B)  for compute operations (convolutions, matmuls: torch's
+                                         FLOP formulas; a depthwise convolution is bound by B)
+            = bytes / B                  for every other operation (bytes read and written:
+                                         normalisation, activations, elementwise, pooling)
+            + o                          per operation (dispatch and launch overhead)
 
 A choice's cost in a block is the work of that block's forward and backward, recomputation
 included, so the estimate sees what lean recomputes (cheap, bandwidth-bound operations) and what
 checkpointing recomputes (the whole block, convolutions included). F, B and o are defaults for
 the device kind, or measured on this machine by ``calibrate``: one plain step whose operations
-are timed one by one, then F = FLOPs / time of the compute ops and B = bytes / time of the rest,
-and the whole step timed without instrumentation so that estimates are in real seconds.
+are timed one by one; B = bytes / time of the non-compute ops, F = FLOPs / time of the compute
+ops that B does not bound, o = the time of a tiny op; the whole step is timed without
+instrumentation too, and estimates are scaled to it (real seconds).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = ["DEFAULT_RATES", "ESTIMATE", "Rates", "calibrate"]
 
 ESTIMATE = (
     "estimated step time: every operation of the traced step (recomputation included) costs "
-    "FLOPs / F (convolutions, matmuls) or bytes moved / B (the rest), plus o per operation"
+    "max(FLOPs / F, bytes / B) (convolutions, matmuls) or bytes moved / B (the rest), plus o"
 )
 
 
@@ -47,7 +49,8 @@ class Rates:
     plain_step_s: float | None = None
 
     def seconds(self, work: Work) -> float:
-        return work.flops / self.flops + work.bytes / self.bytes + work.ops * self.op
+        compute = sum(max(f / self.flops, b / self.bytes) for f, b in work.compute)
+        return compute + work.bytes / self.bytes + work.ops * self.op
 
     def describe(self) -> str:
         return (
@@ -75,7 +78,7 @@ class _OpTimer(TorchDispatchMode):
         super().__init__()
         self.cuda = device.type == "cuda"
         self.formulas = _flop_formulas()
-        self.compute = [0.0, 0.0, 0]  # seconds, flops, ops
+        self.compute: list[tuple[float, float, float]] = []  # (seconds, flops, bytes) per op
         self.other = [0.0, 0.0, 0]  # seconds, bytes, ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -89,9 +92,8 @@ class _OpTimer(TorchDispatchMode):
         elapsed = time.perf_counter() - start
         formula = self.formulas.get(func._overloadpacket)
         if formula is not None:
-            self.compute[0] += elapsed
-            self.compute[1] += formula(*args, **kwargs, out_val=result)
-            self.compute[2] += 1
+            flops = float(formula(*args, **kwargs, out_val=result))
+            self.compute.append((elapsed, flops, _nbytes(args) + _nbytes(result)))
         elif not func.is_view and _returns_tensor(result):
             self.other[0] += elapsed
             self.other[1] += _nbytes(args) + _nbytes(list(kwargs.values())) + _nbytes(result)
@@ -139,10 +141,13 @@ def calibrate(step, *, repeats: int = 3) -> Rates:
         step()
     # The timer's own per-op cost is in every measured op: take what a tiny op measures out.
     tiny = _timed_tiny_op(device, timer)
-    compute_s = max(timer.compute[0] - timer.compute[2] * tiny, 1e-9)
+    defaults = DEFAULT_RATES[device.type if device.type in DEFAULT_RATES else "cpu"]
     other_s = max(timer.other[0] - timer.other[2] * tiny, 1e-9)
-    flops = timer.compute[1] / compute_s if timer.compute[1] else DEFAULT_RATES["cpu"].flops
-    moved = timer.other[1] / other_s if timer.other[1] else DEFAULT_RATES["cpu"].bytes
+    moved = timer.other[1] / other_s if timer.other[1] else defaults.bytes
+    # F from the compute ops that bandwidth does not explain (bytes / B under half their time).
+    bound = [(max(t - tiny, 1e-9), f) for t, f, b in timer.compute
+             if f and b / moved < 0.5 * max(t - tiny, 1e-9)]
+    flops = (sum(f for _, f in bound) / sum(t for t, _ in bound)) if bound else defaults.flops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Rates(
         flops=flops, bytes=moved, op=overhead,

@@ -62,17 +62,20 @@ class UnpredictableError(ValueError):
 
 @dataclass
 class Work:
-    """Work of a part of the step: FLOPs of compute ops, bytes moved by the others, op count."""
+    """Work of a part of the step: ``compute``, (FLOPs, bytes moved) of each compute op
+    (convolution, matmul); ``bytes`` moved by all other ops; ``ops``, how many ops ran."""
 
-    flops: float = 0.0
+    compute: list[tuple[float, float]] = field(default_factory=list)
     bytes: float = 0.0
     ops: int = 0
 
-    def __add__(self, other: Work) -> Work:
-        return Work(self.flops + other.flops, self.bytes + other.bytes, self.ops + other.ops)
+    @property
+    def flops(self) -> float:
+        return sum(flops for flops, _ in self.compute)
 
-    def to_dict(self) -> dict:
-        return {"flops": self.flops, "bytes": self.bytes, "ops": self.ops}
+    def __add__(self, other: Work) -> Work:
+        return Work(self.compute + other.compute, self.bytes + other.bytes,
+                    self.ops + other.ops)
 
 
 @dataclass
@@ -197,7 +200,8 @@ def _tracer(blocks: list[nn.Module], block: int):
             packet = func._overloadpacket
             formula = formulas.get(packet)
             if formula is not None:
-                work.flops += formula(*args, **kwargs, out_val=result)
+                moved = _nbytes(args) + _nbytes(result)
+                work.compute.append((float(formula(*args, **kwargs, out_val=result)), moved))
                 work.ops += 1
             elif not func.is_view and packet.__name__ not in _FREE and _returns_tensor(result):
                 work.bytes += _nbytes(args) + _nbytes(list(kwargs.values())) + _nbytes(result)
