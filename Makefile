@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 bench: setup
-	$(VENV)/bin/leanstep bench suites/seed-cpu.toml
+	$(VENV)/bin/leanstep bench seed-cpu
 
 test: setup
 	$(PY) -m pytest -q

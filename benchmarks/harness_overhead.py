@@ -4,7 +4,7 @@ Two comparisons of the same step (model, batch, image size, threads), each in pa
 alternating order (A B, B A, ...) so that drift and other load on a shared machine hit both sides
 alike; the figure is the median over pairs of harness / bare:
   1. in this process: a bare loop (``step()`` in a loop, one perf_counter around the block)
-     against the harness's timing pass (``time_step``: every iteration's forward and backward
+     against the harness's timing pass (``measure``: every iteration's forward and backward
      timed), by wall time; also how much of the harness's wall time its reported figures miss;
   2. across processes (--process-pairs): a fresh process running the bare loop against the whole
      harness (``run_worker``: a fresh worker process, warm-up, timing pass), by the step time
@@ -26,8 +26,9 @@ import time
 
 import torch
 
-from leanstep.bench.cases import Case, make_step, validate_case
-from leanstep.bench.timing import time_step, warm_up
+from leanstep.bench.cases import Case, make_step
+from leanstep.bench.measurement import measure, warm_up
+from leanstep.bench.validate import validate_case
 from leanstep.bench.worker import run_worker
 
 
@@ -45,10 +46,10 @@ def _bare_loop(step, iters: int) -> tuple[float, float]:
 def _harness_loop(step, iters: int) -> tuple[float, float, float]:
     """Reported, wall and CPU ms per step of the harness's timing pass."""
     wall, cpu = time.perf_counter(), time.process_time()
-    forward, backward = time_step(step, runs=1, iters=iters)
+    measurement = measure(step, runs=1, iters=iters)
     wall = (time.perf_counter() - wall) * 1e3 / iters
     cpu = (time.process_time() - cpu) * 1e3 / iters
-    reported = (sum(forward[0]) + sum(backward[0])) / iters
+    reported = sum(measurement.step_ms) / iters
     return reported, wall, cpu
 
 
@@ -123,7 +124,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.bare_case:
-        case = Case(**json.loads(args.bare_case))
+        case = Case.from_dict(json.loads(args.bare_case))
         torch.set_num_threads(case.threads)
         torch.manual_seed(0)
         step = make_step(case)
@@ -139,6 +140,7 @@ def main() -> int:
         image_size=args.size, runs=args.runs, iters=args.iters, warmup=args.warmup,
         threads=args.threads,
     )
+    case = case.with_defaults()
     validate_case(case)
     print(f"{args.model}, batch {args.bs}, {args.size} px, {args.threads} thread(s)")
     inside = _in_process(case, args.pairs, args.iters)

@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanstep.bench import cases as cases_module
-from leanstep.bench.cases import (
-    Case,
-    MissingPackageError,
-    add_case_arguments,
-    cases_from_args,
-    load_suite,
-    validate_case,
-)
+from leanstep.bench import validate as validate_module
+from leanstep.bench.cases import Case
+from leanstep.bench.measurement import Measurement
 from leanstep.bench.runner import schedule, split_runs
-from leanstep.bench.timing import summarize_times
+from leanstep.bench.suite import load_suite
+from leanstep.bench.validate import MissingPackageError, validate_case
 from leanstep.bench.worker import run_worker
 from leanstep.cli import main
+from leanstep.commands.case_args import add_case_arguments, suite_from_args
 
-SUITES = Path(__file__).resolve().parents[1] / "suites"
+SUITES = Path(__file__).resolve().parents[1] / "src" / "leanstep" / "suites"
+
+
+def cases_from_args(args):
+    return list(suite_from_args(args).cases)
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def test_options_parse_to_python_values():
 
 @pytest.mark.parametrize("suite", ["seed.toml", "seed-cpu.toml"])
 def test_shipped_suites_are_valid(suite):
-    cases = load_suite(SUITES / suite)
+    cases = load_suite(SUITES / suite).cases
     assert len({case.key for case in cases}) == len(cases)
     for case in cases:
         try:
@@ -81,7 +81,7 @@ def test_seed_suite_carries_every_seed_row():
     if not texts:
         pytest.skip("seed table not present")
     memories = {float(m) for text in texts for m in _seed_memories(text)}
-    cases = load_suite(SUITES / "seed.toml")
+    cases = load_suite(SUITES / "seed.toml").cases
     references = {case.reference["reference_mib"] for case in cases}
     assert memories <= references
 
@@ -133,7 +133,7 @@ def test_cuda_without_cuda_exits_2(capsys):
 def test_missing_peer_package_exits_2_ad_hoc(capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        cases_module.require_package.__globals__["importlib"].util, "find_spec",
+        validate_module.require_package.__globals__["importlib"].util, "find_spec",
         lambda name, *a: None if name == "timm" else real_find_spec(name, *a),
     )
     assert _bench_error(capsys, "timm:efficientnet_b0") == (
@@ -152,7 +152,7 @@ def test_rounds_interleave_a_group_and_share_the_runs():
 def test_summary_uses_run_averages_and_every_iteration():
     forward = [[10.0, 12.0], [14.0, 20.0]]
     backward = [[30.0, 30.0], [31.0, 33.0]]
-    summary = summarize_times(forward, backward, batch_size=8)
+    summary = Measurement(forward, backward).summary(batch_size=8)
     run_means = [statistics.fmean(run) for run in forward]
     assert summary["fwd_ms_mean"] == pytest.approx(statistics.fmean(run_means))
     assert summary["fwd_ms_std"] == pytest.approx(statistics.pstdev(run_means))
@@ -163,9 +163,7 @@ def test_summary_uses_run_averages_and_every_iteration():
     ]
     assert summary["step_ms_median"] == pytest.approx(statistics.median(steps))
     assert 0 < summary["step_ms_iqr"] <= max(steps) - min(steps)
-    assert summary["imgs_per_sec"] == pytest.approx(
-        8000 / (summary["fwd_ms_mean"] + summary["bwd_ms_mean"])
-    )
+    assert summary["imgs_per_sec"] == pytest.approx(8000 / summary["step_ms_median"])
 
 
 def test_worker_past_its_timeout_is_a_timeout_row():
@@ -187,15 +185,16 @@ def test_cpu_case_predicted_past_the_free_ram_is_skipped(monkeypatch):
 
 
 def test_resume_drops_a_line_cut_short(tmp_path):
-    from leanstep.bench.results import append_row, drop_partial_line, read_rows
+    from leanstep.bench.results import ResultsFile, read_rows
 
     path = tmp_path / "r.jsonl"
-    append_row(path, {"name": "a", "group": "g", "suite": "s"})
+    with ResultsFile(path, new=True) as out:
+        out.append({"name": "a", "group": "g", "suite": "s"})
     with path.open("a") as stream:
         stream.write('{"name": "b", "gro')
     assert [row["name"] for row in read_rows(path)] == ["a"]
-    drop_partial_line(path)
-    append_row(path, {"name": "c", "group": "g", "suite": "s"})
+    with ResultsFile(path, new=False) as out:
+        out.append({"name": "c", "group": "g", "suite": "s"})
     assert [row["name"] for row in read_rows(path)] == ["a", "c"]
 
 
@@ -203,8 +202,8 @@ def test_flops_of_a_step_are_three_forwards_with_depthwise_convs():
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
+    from leanstep.bench.flops import count_flops
     from leanstep.bench.step import TrainStep
-    from leanstep.bench.timing import count_flops
 
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),

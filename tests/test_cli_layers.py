@@ -9,8 +9,9 @@ import torch
 from rich.console import Console
 
 from leanstep.bench.layer_bench import VARIANTS, Variant, run_layer_bench
+from leanstep.bench.table import print_table
 from leanstep.cli import main
-from leanstep.commands.layers import render_table
+from leanstep.commands.layers import table_lines
 
 EXPECTED_LABELS = [
     "BatchNormAct+leaky_relu", "ABN+leaky_relu", "InplaceABN+leaky_relu", "ABN+relu",
@@ -63,7 +64,8 @@ def test_saved_memory_ranks_the_variants_as_expected(result):
 
 def test_table_shows_every_variant_and_its_ratios(result):
     console = Console(width=160, record=True)
-    console.print(render_table(result))
+    title, headers, lines, caption = table_lines(result)
+    print_table(headers, lines, title=title, caption=caption, out=console)
     text = console.export_text()
     assert "6 x [conv3x3 64, norm+act], batch 2, 8x8" in text
     for row in result["rows"]:
@@ -74,7 +76,7 @@ def test_table_shows_every_variant_and_its_ratios(result):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--batch", "0"), ("--size", "-3"), ("--iters", "0"), ("--threads", "0")],
+    [("--bs", "0"), ("--batch", "0"), ("--size", "-3"), ("--iters", "0"), ("--threads", "0")],
 )
 def test_bad_option_is_one_line_on_stderr_and_exit_code_2(capsys, option, value):
     assert main(["layers", option, value]) == 2

@@ -148,8 +148,9 @@ def test_cli_suite_shows_reference_ratio_and_skips_missing_peers(tmp_path, capsy
     )
     code = main(["predict", str(suite)])
     out = capsys.readouterr().out
-    ours = next(line for line in out.splitlines() if line.startswith("g ") and "ours" in line)
-    predicted, reference, ratio = (float(cell) for cell in ours.split()[4:7])
+    ours = next(line for line in out.splitlines() if " ours " in line)
+    cells = [cell.strip() for cell in ours.strip("│ ").split("│")]
+    predicted, reference, ratio = (float(cell) for cell in cells[4:7])
     assert code == 0
     assert reference == 100.0 and ratio == pytest.approx(predicted / reference, abs=1e-3)
     try:

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="leanstep",
         description="Lean CNN training steps: layers, models, and a benchmark that measures them.",
     )
+    from leanstep import __version__
+
+    parser.add_argument("--version", action="version", version=f"leanstep {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -37,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; bad input is one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # the command line as given, for hints that repeat it
     try:
         return args._run(args)
     except ValueError as error:

@@ -16,7 +16,6 @@ others) and rank 0 records the failure if it can.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -27,26 +26,22 @@ from pathlib import Path
 
 import torch
 
-from .cases import (
-    Case,
-    available_cores,
-    build_model,
-    cases_from_args,
-    make_step,
-    validate_case,
-)
-from .measure import cpu_model, memory_pass
+from .cases import Case, build_model, make_step
+from .device import device_name
+from .flops import count_step_flops
+from .measure import memory_pass
+from .measurement import measure, warm_up
 from .report import render_table
-from .results import append_row, default_out_path, environment
+from .results import ResultsFile, environment
 from .runner import make_row
-from .timing import count_flops, summarize_times, time_step, warm_up
+from .validate import validate_case
 from .worker import failure_status
 
 __all__ = [
     "Launch",
     "backend_for",
+    "check_launch",
     "run_ddp",
-    "run_from_args",
     "split_batch",
     "torchrun_launch",
 ]
@@ -135,9 +130,8 @@ def _rank_case(case: Case, launch: Launch, device: torch.device) -> Case:
 
 
 def _measure_rank(case: Case, launch: Launch, device: torch.device) -> dict:
-    """This rank's figures for ``case``, as the harness measures one case (``measure_case``):
-    FLOPs counted in the first warm-up step, the rest of the warm-up, R runs x I iterations
-    (each run starting on every rank at once), then the memory pass."""
+    """This rank's figures for ``case``, measured as the worker measures one case: warm-up,
+    ``measure`` (each run starting on every rank at once), the memory pass, then FLOPs."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -149,43 +143,29 @@ def _measure_rank(case: Case, launch: Launch, device: torch.device) -> dict:
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
     step = make_step(mine, wrapped)
-    flops = count_flops(step) if mine.warmup > 0 else None
-    warm_up(step, mine.warmup - (flops is not None))
-    forward_ms, backward_ms = [], []
-    for _ in range(mine.runs):
-        dist.barrier()
-        run_forward, run_backward = time_step(step, runs=1, iters=mine.iters)
-        forward_ms += run_forward
-        backward_ms += run_backward
+    warm_up(step, mine.warmup)
+    measurement = measure(step, runs=mine.runs, iters=mine.iters, before_run=dist.barrier)
     dist.barrier()
     memory = memory_pass(step, mine)
-    if flops is None:
-        flops = count_flops(step)
-    summary = summarize_times(forward_ms, backward_ms, mine.batch_size)
+    summary = measurement.summary(mine.batch_size)
     return {
         "rank": launch.rank,
         "local_rank": launch.local_rank,
         "host": platform.node(),
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "batch_size": mine.batch_size,
-        "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
-        "fwd_ms_iters": forward_ms,
-        "bwd_ms_iters": backward_ms,
+        **measurement.to_dict(),
         **summary,
-        "step_ms_mean": summary["fwd_ms_mean"] + summary["bwd_ms_mean"],
         **memory,
-        "flops": flops,
+        "flops": count_step_flops(mine, fallback=step),
         "status": "ok",
     }
 
 
-_RANK_FIELDS = (
-    "rank", "local_rank", "host", "device", "batch_size", "threads", "fwd_ms_mean",
-    "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_mean", "step_ms_median", "step_ms_iqr",
-    "imgs_per_sec", "peak_mib", "reserved_mib", "memory", "flops",
-)
+# Per-iteration lists stay out of a row's per-rank summaries (the row has the slowest rank's).
+_RANK_LISTS = ("fwd_ms_iters", "bwd_ms_iters")
 
 
 def _ddp_fields(launch: Launch, backend: str, ranks: list[dict] | None = None) -> dict:
@@ -193,9 +173,9 @@ def _ddp_fields(launch: Launch, backend: str, ranks: list[dict] | None = None) -
     if ranks:
         fields.update(
             rank_batch_sizes=[r["batch_size"] for r in ranks],
-            rank_step_ms=[r["step_ms_mean"] for r in ranks],
+            rank_step_ms=[r["step_ms_median"] for r in ranks],
             rank_peak_mib=[r["peak_mib"] for r in ranks],
-            ranks=[{key: r[key] for key in _RANK_FIELDS} for r in ranks],
+            ranks=[{k: v for k, v in r.items() if k not in _RANK_LISTS} for r in ranks],
         )
     return fields
 
@@ -205,7 +185,7 @@ def _row(case: Case, launch: Launch, backend: str, ranks: list[dict], env: dict)
     sets the pace of a synchronised step (so imgs/sec is the aggregate: global batch over that
     step time), the largest peak of any rank, and the FLOPs of all ranks; plus every rank's own
     figures under ``ranks``."""
-    slowest = max(ranks, key=lambda r: r["step_ms_mean"])
+    slowest = max(ranks, key=lambda r: r["step_ms_median"])
     largest = max(ranks, key=lambda r: r["peak_mib"])
     combined = {
         **slowest,
@@ -224,15 +204,9 @@ def _failure_row(case: Case, launch: Launch, backend: str, error: BaseException,
     return {**make_row(case, [result], env), **_ddp_fields(launch, backend)}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
-
-
 def _summary(row: dict) -> str:
     ranks = "; ".join(
-        f"rank {r['rank']}: bs {r['batch_size']}, step {r['step_ms_mean']:.2f} ms, "
+        f"rank {r['rank']}: bs {r['batch_size']}, step {r['step_ms_median']:.2f} ms, "
         f"peak {r['peak_mib']:.1f} MiB"
         for r in row["ranks"]
     )
@@ -242,7 +216,9 @@ def _summary(row: dict) -> str:
     )
 
 
-def _check_launch(cases: list[Case], launch: Launch) -> None:
+def check_launch(cases: list[Case], launch: Launch) -> None:
+    """Launch problems (a batch smaller than the world size, a rank without a GPU, mixed
+    devices) and the harness's checks at the smallest share of a batch, as ValueError."""
     devices = {case.device_type for case in cases}
     if len(devices) != 1:
         raise ValueError(f"--ddp runs every case on one device kind, got {sorted(devices)}")
@@ -252,6 +228,7 @@ def _check_launch(cases: list[Case], launch: Launch) -> None:
         split_batch(case.batch_size, launch.world_size)
         if case.memory_batch_size:
             split_batch(case.memory_batch_size, launch.world_size, "memory batch size")
+        _validate_rank_share(case, launch)
 
 
 def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) -> int:
@@ -263,7 +240,7 @@ def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) ->
     one failed (the launch stops there).
     """
     launch = torchrun_launch() if launch is None else launch
-    _check_launch(cases, launch)
+    check_launch(cases, launch)
     device = _local_device(cases[0].device, launch)
     out = Path(out)
 
@@ -280,6 +257,9 @@ def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) ->
     )
     env = environment() if launch.rank == 0 else {}
     rows = []
+    results = ResultsFile(out, new=True) if launch.rank == 0 else None
+    if results is not None:
+        results.open()
     try:
         for case in cases:
             torch.set_num_threads(case.threads)
@@ -288,19 +268,21 @@ def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) ->
             except Exception as error:  # recorded; the ranks are out of step now, so stop
                 print(f"leanstep bench --ddp: rank {launch.rank}: {error}", file=sys.stderr)
                 if launch.rank == 0:
-                    append_row(out, _failure_row(case, launch, backend, error, env))
+                    results.append(_failure_row(case, launch, backend, error, env))
                 return 1
             ranks = [None] * launch.world_size
             dist.all_gather_object(ranks, mine)
             if launch.rank == 0:
                 rows.append(_row(case, launch, backend, ranks, env))
-                append_row(out, rows[-1])
+                results.append(rows[-1])
                 print(_summary(rows[-1]), flush=True)
         if launch.rank == 0:
             render_table(rows)
             print(f"results: {out}", flush=True)
         return 0
     finally:
+        if results is not None:
+            results.close()
         dist.destroy_process_group()
 
 
@@ -320,46 +302,3 @@ def _validate_rank_share(case: Case, launch: Launch) -> None:
         raise ValueError(
             f"{error} (a rank's share of --bs {case.batch_size} over {launch.world_size} ranks)"
         ) from None
-
-
-def _check_single_process_options(args: argparse.Namespace) -> None:
-    """Options of the single-process harness that have no meaning under --ddp."""
-    if getattr(args, "resume", None):
-        raise ValueError("--resume does not combine with --ddp; give a new --out file")
-    if getattr(args, "rounds", None) not in (None, 1):
-        raise ValueError(f"--rounds {args.rounds} does not combine with --ddp (one round only)")
-    if getattr(args, "timeout", None) is not None:
-        raise ValueError(
-            "--timeout does not combine with --ddp; a rank that fails or hangs ends the launch "
-            "(torchrun stops the others, collectives time out after 10 minutes)"
-        )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``leanstep bench ... --ddp``: the cases of the command line, run under torchrun.
-
-    Threads default to this node's cores shared evenly among its ranks (``--threads`` overrides).
-    Bad input is reported by the first rank of each node only (every rank finds the same fault);
-    the others exit with the same code 2 silently, so a bad launch prints one line per node, not
-    one per rank.
-    """
-    launch = torchrun_launch()
-    try:
-        _check_single_process_options(args)
-        cases = cases_from_args(args)
-        if getattr(args, "threads", None) is None:
-            per_rank = max(1, available_cores() // launch.local_world_size)
-            cases = [dataclasses.replace(case, threads=per_rank) for case in cases]
-        _check_launch(cases, launch)
-        for case in cases:
-            _validate_rank_share(case, launch)
-        out = Path(args.out) if getattr(args, "out", None) else default_out_path(
-            f"{cases[0].suite}-ddp"
-        )
-        if out.exists():
-            raise ValueError(f"{str(out)!r} exists; give --ddp a new --out file")
-    except ValueError:
-        if launch.local_rank != 0:
-            raise SystemExit(2) from None
-        raise
-    return run_ddp(cases, out, launch)

@@ -17,9 +17,6 @@ Ratios are to the first variant (BatchNormAct + leaky_relu).
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +25,11 @@ from torch import nn
 
 from leanstep.layers import get_norm_act
 
+from .cases import available_cores
+from .measurement import Measurement, measure
 from .memory import MIB, measured_peak, saved_tensor_bytes
 from .step import TrainStep
+from .validate import check_int
 
 __all__ = ["VARIANTS", "Variant", "build_stack", "default_threads", "run_layer_bench"]
 
@@ -79,21 +79,7 @@ def build_stack(norm: str, activation: str) -> nn.Sequential:
 
 def default_threads() -> int:
     """Every core this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _median_and_iqr(samples: Sequence[float]) -> tuple[float, float]:
-    if len(samples) < 2:
-        return samples[0], 0.0
-    first, _, third = statistics.quantiles(samples, n=4, method="inclusive")
-    return statistics.median(samples), third - first
+    return available_cores()
 
 
 def _ratio(value: float, baseline: float) -> float | None:
@@ -116,7 +102,7 @@ def run_layer_bench(
     threads = default_threads() if threads is None else threads
     for name, value in (("batch size", batch_size), ("image size", image_size),
                         ("iters", iters), ("threads", threads)):
-        _check_positive(name, value)
+        check_int(name, value, 1)
     if batch_size * image_size * image_size < 2:
         raise ValueError(
             f"batch size {batch_size} x image size {image_size}^2 leaves 1 value per channel; "
@@ -142,21 +128,20 @@ def run_layer_bench(
             peak = measured_peak(step, *step.tracked_objects())
             memory.append((saved / MIB, peak))
 
-        times_ms: list[list[float]] = [[] for _ in variants]
+        parts: list[list[Measurement]] = [[] for _ in variants]
         for round_index in range(iters + 1):  # round 0 warms up after the memory pass
             report(f"timing round {round_index}/{iters}")
-            for samples, step in zip(times_ms, steps, strict=True):
-                start = time.perf_counter()
-                step()
-                elapsed = (time.perf_counter() - start) * 1e3
+            for measured, step in zip(parts, steps, strict=True):
+                one = measure(step, runs=1, iters=1)
                 if round_index:
-                    samples.append(elapsed)
+                    measured.append(one)
     finally:
         torch.set_num_threads(previous_threads)
 
     rows = []
-    for variant, (saved_mib, peak), samples in zip(variants, memory, times_ms, strict=True):
-        median_ms, iqr_ms = _median_and_iqr(samples)
+    for variant, (saved_mib, peak), measured in zip(variants, memory, parts, strict=True):
+        merged = Measurement.merge(measured)
+        median_ms, iqr_ms = merged.median_ms, merged.iqr_ms
         rows.append({
             "variant": variant.label,
             "norm": variant.norm,

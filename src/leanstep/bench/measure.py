@@ -1,66 +1,39 @@
-"""Measure one case in this process: prediction, build, warm-up, timing pass, memory pass, FLOPs.
+"""Measure one case in this process: prediction, build, compile, warm-up, timing, memory, FLOPs.
 
-The benchmark runs this inside a fresh worker process per case (``leanstep.bench.worker``); it
-sets the process-wide thread count, so call it in-process only where that is wanted.
+Each phase is of its own: compilation (``--compile``: the first step, its seconds and dynamo's
+graph and graph-break counts recorded) comes before the warm-up, the warm-up is ``warmup``
+ordinary steps, and FLOPs are counted after timing, outside both. The benchmark runs this in a
+fresh worker process per case (``leanstep.bench.worker``); it sets the process-wide thread count,
+so call it in-process only where that is wanted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from .cases import Case, make_step
+from .device import available_memory_mib, device_name
+from .flops import count_step_flops
+from .measurement import measure, warm_up
 from .memory import measured_peak
 from .step import TrainStep
-from .timing import count_flops, time_step, warm_up
 
-__all__ = ["available_memory_mib", "cpu_model", "measure_case", "memory_pass"]
+__all__ = ["compile_step", "measure_case", "memory_pass"]
 
 # A CPU case whose predicted peak exceeds this share of the available RAM is not run.
 RAM_SHARE = 0.8
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; platform's answer elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def available_memory_mib() -> float | None:
-    """RAM available to new allocations without swapping (MemAvailable), in MiB."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def _memory_case(case: Case) -> Case:
-    """The case as the memory pass runs it (its memory batch and image size)."""
-    return dataclasses.replace(
-        case,
-        batch_size=case.memory_batch_size or case.batch_size,
-        image_size=case.memory_image_size or case.image_size,
-    )
+_BREAK_REASONS = 5
 
 
 def _prediction(case: Case) -> dict:
     from .predict import predict_case
 
     try:
-        predicted = predict_case(_memory_case(case))
+        predicted = predict_case(case.memory_case())
     except Exception as error:  # a prediction failure must not stop the measurement
         return {"predicted_mib": None, "predict_error": f"{type(error).__name__}: {error}"}
     return {"predicted_mib": float(predicted["predicted_mib"]), "predict_error": None}
@@ -75,16 +48,39 @@ def _ram_skip_reason(case: Case, predicted_mib: float | None) -> str | None:
     return f"would need {predicted_mib / 1024:.1f} GiB, {free_mib / 1024:.1f} GiB free"
 
 
+def compile_step(step: TrainStep) -> dict:
+    """Run the first step of a compiled model (the compilation) and return its seconds and
+    dynamo's counts: graphs compiled, graph breaks and the first break reasons."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    started = time.perf_counter()
+    step()
+    if step.device.type == "cuda":
+        torch.cuda.synchronize(step.device)
+    seconds = time.perf_counter() - started
+    return {"compile_seconds": seconds, **compile_counts()}
+
+
+def compile_counts() -> dict:
+    """dynamo's graph and graph-break counts since its counters were last cleared."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters.get("graph_break", {})
+    return {
+        "compile_graphs": int(counters.get("stats", {}).get("unique_graphs", 0)),
+        "compile_graph_breaks": int(sum(breaks.values())),
+        "compile_break_reasons": [
+            (str(reason).strip().splitlines() or [""])[0][:200] for reason in breaks
+        ][:_BREAK_REASONS],
+    }
+
+
 def memory_pass(step: TrainStep, case: Case) -> dict:
     """Peak memory of one step after warm-up, at the case's memory batch and image size."""
-    memory_case = _memory_case(case)
+    memory_case = case.memory_case()
     if (memory_case.batch_size, memory_case.image_size) != (case.batch_size, case.image_size):
-        memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
-        step.input = torch.ones(
-            memory_case.batch_size, case.in_channels, memory_case.image_size,
-            memory_case.image_size, device=step.device,
-        ).contiguous(memory_format=memory_format)
-        step.input.requires_grad_(case.mode == "train")
+        step.set_input(memory_case.batch_size, memory_case.image_size)
         if step.device.type == "cuda":
             warm_up(step, 1)
     peak = measured_peak(step, *step.tracked_objects(), device=step.device)
@@ -93,12 +89,6 @@ def memory_pass(step: TrainStep, case: Case) -> dict:
         "reserved_mib": peak.get("reserved_mib"),
         "memory": peak["memory"],
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
 
 
 class _Phases:
@@ -129,18 +119,14 @@ def measure_case(
 ) -> dict:
     """Measure ``case``; returns its raw figures (per-iteration times, memory, FLOPs, ...).
 
-    ``runs`` overrides ``case.runs`` (a round of an interleaved group runs its share). The first
-    warm-up step runs under FlopCounterMode: warm-up is untimed, so counting costs no extra
-    step. ``phase`` is called with each phase's name as it starts.
+    ``runs`` overrides ``case.runs`` (a round of an interleaved group runs its share). ``phase``
+    is called with each phase's name as it starts.
     """
     case = case.with_defaults()
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)
     phase = _Phases(phase)
-    result: dict = {
-        "threads": torch.get_num_threads(), "device_name": _device_name(device),
-        "phase_seconds": phase.seconds,
-    }
+    result: dict = {"device_name": device_name(device), "phase_seconds": phase.seconds}
     if predict:
         phase("predict")
         result.update(_prediction(case))
@@ -154,27 +140,22 @@ def measure_case(
     torch.manual_seed(0)
     step = make_step(case)
     result["params"] = sum(p.numel() for p in step.model.parameters())
+    if case.compile:
+        phase("compile")
+        result.update(compile_step(step))
     phase("warmup")
-    flop_count = None
-    if flops and case.warmup > 0:
-        flop_count = count_flops(step)
-    warm_up(step, case.warmup - (flop_count is not None))
+    warm_up(step, case.warmup)
+    if case.compile:
+        result.update(compile_counts())  # a recompilation in warm-up counts too
     phase("timing")
     gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    forward_ms, backward_ms = time_step(step, runs=runs or case.runs, iters=case.iters)
-    result.update(
-        fwd_ms_iters=forward_ms, bwd_ms_iters=backward_ms,
-        timing_wall_s=time.perf_counter() - wall, timing_cpu_s=time.process_time() - cpu,
-    )
+    result.update(measure(step, runs=runs or case.runs, iters=case.iters).to_dict())
     if measure_memory:
         phase("memory")
         result.update(memory_pass(step, case))
-    if flops and flop_count is None:
+    if flops:
         phase("flops")
-        flop_count = count_flops(step)
-    result["flops"] = flop_count
+        result["flops"] = count_step_flops(case, fallback=step)
     result["status"] = "ok"
     phase("done")
     return result
-

@@ -29,7 +29,7 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
         if not ran:
             continue
         x = [row["peak_mib"] for row in ran]
-        y = [row["fwd_ms_mean"] + row["bwd_ms_mean"] for row in ran]
+        y = [row["step_ms_median"] for row in ran]
         colour = colours(index % colours.N)
         axes.scatter(x, y, color=colour, label=name, s=36, zorder=3)
         for row, x_value, y_value in zip(ran, x, y, strict=True):
@@ -41,7 +41,7 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
     suite = next((group[0].get("suite") for group in groups.values() if group), "results")
     axes.set_title(f"{suite}: training step time vs peak memory")
     axes.set_xlabel("peak memory (MiB)")
-    axes.set_ylabel("forward + backward (ms)")
+    axes.set_ylabel("step time, median (ms)")
     axes.grid(True, alpha=0.3)
     if plotted:
         axes.legend(fontsize=7, loc="best")

@@ -1,9 +1,11 @@
 """Reports of a results file: the seed's text format, a terminal table, markdown and CSV.
 
 Every report groups rows as the suite does and compares each case with its group's first case
-that ran: "time x" is the ratio of forward + backward time, "memory x" of peak memory and
-"act x" of the activation memory at the peak. Where the suite carries reference_* figures (the
-seed's published numbers), the table and markdown show them beside ours.
+that ran: "time x" is the ratio of median step times (a median, so that one stalled iteration
+does not drag it), "memory x" of peak memory and "act x" of the activation memory at the peak.
+Where the suite carries reference_* figures (the seed's published numbers), the table and
+markdown show them beside ours. A row whose timing cannot be trusted (``row.flags``: too small a
+share of the cores, a wide IQR, graph breaks) is marked "!" in every format, with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import io
 from collections import Counter
 
 from .results import latest_rows
+from .row import CASE_FIELDS, MEASURED_FIELDS, flags
+from .table import console as make_console
+from .table import markdown_table, print_table
 
 __all__ = ["FORMATS", "format_csv", "format_markdown", "format_seed", "group_rows", "ratios",
            "render_table"]
@@ -33,7 +38,7 @@ def _ok(row: dict) -> bool:
 
 
 def _step_ms(row: dict) -> float:
-    return row["fwd_ms_mean"] + row["bwd_ms_mean"]
+    return row["step_ms_median"]
 
 
 def _activations(row: dict) -> float | None:
@@ -96,11 +101,14 @@ def _seed_lines(row: dict, common_size: int | None) -> list[str]:
         memory = (
             f"Max memory: {row['peak_mib']:.2f}Mb at BS={memory_config[0]}, {memory_config[1]}px."
         )
-    return [
+    lines = [
         f"**{row['name']} {row['params'] / 1e6:.2f}M params**",
         f"Mean of {row['runs']} runs {row['iters']} iters each BS={row['batch_size']}{size}: "
         f"{timing} {memory} {row['imgs_per_sec']:.2f} imgs/sec",
     ]
+    if flags(row):
+        lines.append(f"! timing not to be trusted: {', '.join(flags(row))}")
+    return lines
 
 
 def format_seed(rows: list[dict]) -> str:
@@ -131,95 +139,92 @@ def format_seed(rows: list[dict]) -> str:
 def _columns(group: list[dict]) -> list[str]:
     columns = ["case", "params (M)", "fwd ms", "bwd ms", "step ms median (IQR)", "imgs/s",
                "peak MiB", "time x", "memory x", "act x"]
+    if any(row.get("compile") for row in group):
+        columns += ["graphs", "breaks", "compile s"]
     if _has_reference(group):
         columns += ["ref ms", "ref MiB"]
-    return columns
+    return columns + ["!"]
 
 
-def _cells(row: dict, group_ratios: dict, with_reference: bool) -> list[str]:
-    reference_cells = []
-    if with_reference:
+def _optional(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _cells(row: dict, group_ratios: dict, columns: list[str]) -> list[str]:
+    extra = []
+    if "graphs" in columns:
+        extra += [_optional(row.get("compile_graphs"), "d"),
+                  _optional(row.get("compile_graph_breaks"), "d"),
+                  _optional(row.get("compile_seconds"), ".1f")]
+    if "ref ms" in columns:
         reference = row.get("reference") or {}
-        ref_ms, ref_mib = _reference_ms(reference), reference.get("reference_mib")
-        reference_cells = [
-            f"{ref_ms:.2f}" if ref_ms is not None else "",
-            f"{ref_mib:.0f}" if ref_mib is not None else "",
-        ]
+        extra += [_optional(_reference_ms(reference), ".2f"),
+                  _optional(reference.get("reference_mib"), ".0f")]
+    flag = ", ".join(flags(row))
     if not _ok(row):
-        return [row["name"], _reason(row), "", "", "", "", "", "", "", "", *reference_cells]
+        return [row["name"], _reason(row), *[""] * 8, *extra, flag]
     ratio = group_ratios.get(row["name"], {})
-
-    def times(value):
-        return f"{value:.2f}" if value is not None else ""
-
     return [
         row["name"],
         f"{row['params'] / 1e6:.2f}",
         f"{row['fwd_ms_mean']:.2f} ± {row['fwd_ms_std']:.2f}",
         f"{row['bwd_ms_mean']:.2f} ± {row['bwd_ms_std']:.2f}",
         f"{row['step_ms_median']:.2f} ({row['step_ms_iqr']:.2f})",
-        f"{row['imgs_per_sec']:.1f}",
+        _optional(row.get("imgs_per_sec"), ".1f"),
         _mib(row["peak_mib"]),
-        times(ratio.get("time_x")),
-        times(ratio.get("memory_x")),
-        times(ratio.get("act_x")),
-        *reference_cells,
+        _optional(ratio.get("time_x"), ".2f"),
+        _optional(ratio.get("memory_x"), ".2f"),
+        _optional(ratio.get("act_x"), ".2f"),
+        *extra,
+        flag,
     ]
 
 
-def _mib(value: float) -> str:
+def _mib(value: float | None) -> str:
+    if value is None:
+        return ""
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
 
-def render_table(rows: list[dict], console=None) -> None:
-    """Print a rich table per group."""
-    from rich.console import Console
-    from rich.table import Table
+def _group_lines(group: list[dict]) -> tuple[list[str], list[list[str]]]:
+    columns = _columns(group)
+    group_ratios = ratios(group)
+    return columns, [_cells(row, group_ratios, columns) for row in group]
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=200)
+
+_NOTE = "! = timing not to be trusted (cpu share < 0.85, IQR > 10% of median, graph breaks)"
+
+
+def render_table(rows: list[dict], console=None) -> None:
+    """Print a rich table per group; failed rows in yellow, flagged rows in red."""
+    console = console or make_console()
     for name, group in group_rows(rows).items():
-        with_reference = _has_reference(group)
-        table = Table(title=name, title_justify="left")
-        for index, column in enumerate(_columns(group)):
-            table.add_column(column, justify="left" if index == 0 else "right")
-        group_ratios = ratios(group)
-        for row in group:
-            cells = _cells(row, group_ratios, with_reference)
-            if not _ok(row):
-                table.add_row(cells[0], f"[yellow]{cells[1]}[/]", *cells[2:])
-            else:
-                table.add_row(*cells)
-        console.print(table)
+        columns, lines = _group_lines(group)
+        styles = ["yellow" if not _ok(row) else "red" if flags(row) else None for row in group]
+        print_table(columns, lines, title=name, styles=styles, out=console)
+    if any(flags(row) for row in rows):
+        console.print(_NOTE, highlight=False)
 
 
 def format_markdown(rows: list[dict]) -> str:
     """A markdown table per group, under a heading with the group's name."""
     parts = []
     for name, group in group_rows(rows).items():
-        columns = _columns(group)
-        lines = [f"### {name}", "", "| " + " | ".join(columns) + " |",
-                 "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
-        group_ratios = ratios(group)
-        for row in group:
-            cells = _cells(row, group_ratios, _has_reference(group))
-            cells = [cell.replace("|", "\\|") for cell in cells]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+        columns, lines = _group_lines(group)
+        parts.append(f"### {name}\n\n" + markdown_table(columns, lines))
+    if any(flags(row) for row in rows):
+        parts.append(_NOTE)
     return "\n\n".join(parts) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # csv
 
-_CSV_FIELDS = (
-    "suite", "group", "name", "model", "batch_size", "image_size", "device", "precision",
-    "channels_last", "compile", "mode", "params", "runs", "iters", "warmup", "threads",
-    "fwd_ms_mean", "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_median", "step_ms_iqr",
-    "imgs_per_sec", "peak_mib", "reserved_mib", "predicted_mib", "flops", "gflops_per_sec",
-    "memory_batch_size", "memory_image_size", "status", "error", "timestamp",
+# Scalar columns of the row schema (lists and tables are spread or left to the JSONL file).
+_CSV_FIELDS = tuple(
+    name for name in (*CASE_FIELDS, *MEASURED_FIELDS)
+    if name not in ("options", "reference", "memory", "env", "fwd_ms_iters", "bwd_ms_iters",
+                    "phase_seconds", "worker_seconds", "compile_break_reasons")
 )
 
 
@@ -242,8 +247,10 @@ def format_csv(rows: list[dict]) -> str:
                 if key not in references:
                     references.append(key)
             line.update(group_ratios.get(row["name"], {}))
+            line["flags"] = "; ".join(flags(row))
             table.append(line)
-    fieldnames = [*_CSV_FIELDS, "options", "time_x", "memory_x", "act_x", *categories, *references]
+    fieldnames = [*_CSV_FIELDS, "options", "time_x", "memory_x", "act_x", "flags", *categories,
+                  *references]
     stream = io.StringIO()
     writer = csv.DictWriter(stream, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()

@@ -13,17 +13,19 @@ import time
 from collections.abc import Callable, Iterator
 
 from .cases import Case
-from .results import FAILED, append_row, utc_now
-from .timing import summarize_times
+from .measurement import Measurement
+from .results import ResultsFile, utc_now
+from .row import FAILED, Measured, Row
+from .suite import Suite
 from .worker import run_worker
 
-__all__ = ["failed", "make_row", "run_cases", "schedule", "split_runs"]
+__all__ = ["failed", "make_row", "run_suite", "schedule", "split_runs"]
 
-_MEASURED_FIELDS = (
-    "fwd_ms_mean", "fwd_ms_std", "bwd_ms_mean", "bwd_ms_std", "step_ms_median", "step_ms_iqr",
-    "imgs_per_sec", "peak_mib", "reserved_mib", "memory", "predicted_mib", "predict_error",
-    "flops", "gflops_per_sec", "params", "fwd_ms_iters", "bwd_ms_iters", "phase_seconds",
-    "timing_cpu_share",
+# Figures a row takes from its first round (memory, FLOPs, prediction, compilation).
+_FIRST_ROUND = (
+    "params", "peak_mib", "reserved_mib", "memory", "predicted_mib", "predict_error", "flops",
+    "compile_seconds", "compile_graphs", "compile_graph_breaks", "compile_break_reasons",
+    "phase_seconds",
 )
 
 
@@ -54,43 +56,25 @@ def make_row(case: Case, results: list[dict], env: dict, rounds: int = 1) -> dic
     A failed or skipped case has a row too, with its status, the reason in ``error`` and None
     for what was not measured.
     """
+    case = case.with_defaults()
     first = results[0] if results else {}
     final = results[-1] if results else {"status": "error", "error": "no result"}
-    row = {
-        "suite": case.suite, "group": case.group, "name": case.name, "index": case.index,
-        "model": case.model, "options": case.options, "batch_size": case.batch_size,
-        "image_size": case.image_size, "in_channels": case.in_channels,
-        "num_classes": case.num_classes, "device": case.device, "precision": case.precision,
-        "channels_last": case.channels_last, "compile": case.compile, "mode": case.mode,
-        "memory_batch_size": case.memory_batch_size or case.batch_size,
-        "memory_image_size": case.memory_image_size or case.image_size,
-        "params": None, "runs": case.runs, "iters": case.iters, "warmup": case.warmup,
-        "threads": first.get("threads", case.threads), "rounds": rounds,
-        **{name: None for name in _MEASURED_FIELDS},
-        "status": final.get("status", "error"), "error": final.get("error"),
-        "reference": case.reference,
-        "env": {**env, "device_name": first.get("device_name")},
-        "timestamp": utc_now(),
-    }
-    row["worker_seconds"] = [round(result.get("worker_seconds", 0.0), 2) for result in results]
-    row["phase_seconds"] = first.get("phase_seconds")
-    for name in ("params", "predicted_mib", "predict_error"):
-        row[name] = first.get(name)
-    if row["status"] != "ok":
-        return row
-    forward = [run for result in results for run in result["fwd_ms_iters"]]
-    backward = [run for result in results for run in result["bwd_ms_iters"]]
-    row.update(fwd_ms_iters=forward, bwd_ms_iters=backward)
-    row.update(summarize_times(forward, backward, case.batch_size))
-    wall = sum(result.get("timing_wall_s", 0.0) for result in results)
-    cpu = sum(result.get("timing_cpu_s", 0.0) for result in results)
-    row["timing_cpu_share"] = cpu / (wall * row["threads"]) if wall and row["threads"] else None
-    for name in ("peak_mib", "reserved_mib", "memory", "flops"):
-        row[name] = first.get(name)
-    if row["flops"]:
-        step_seconds = (row["fwd_ms_mean"] + row["bwd_ms_mean"]) / 1e3
-        row["gflops_per_sec"] = row["flops"] / step_seconds / 1e9
-    return row
+    figures = {key: first.get(key) for key in _FIRST_ROUND}
+    figures.update(
+        status=final.get("status", "error"), error=final.get("error"), rounds=rounds,
+        env={**env, "device_name": first.get("device_name")}, timestamp=utc_now(),
+        worker_seconds=[round(result.get("worker_seconds", 0.0), 2) for result in results],
+    )
+    if figures["status"] == "ok":
+        measurement = Measurement.merge([Measurement.from_dict(result) for result in results])
+        figures.update(measurement.summary(case.batch_size))
+        figures.update(
+            fwd_ms_iters=measurement.forward_ms, bwd_ms_iters=measurement.backward_ms,
+            timing_cpu_share=measurement.cpu_share,
+        )
+        if figures["flops"] and figures["step_ms_median"]:
+            figures["gflops_per_sec"] = figures["flops"] / figures["step_ms_median"] / 1e6
+    return Row(case, Measured(**figures)).to_dict()
 
 
 class _NoProgress:
@@ -145,23 +129,22 @@ class _RichProgress:
         self.progress.advance(self.task)
 
 
-def run_cases(
-    cases: list[Case],
+def run_suite(
+    suite: Suite,
+    out: ResultsFile,
     *,
-    out_path,
     env: dict,
-    rounds: int = 1,
-    timeout: float | None = None,
     skipped: dict | None = None,
     done: set | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] = lambda row: None,
 ) -> list[dict]:
-    """Run ``cases`` and append a row per case to ``out_path``; returns the new rows.
+    """Run the cases of ``suite`` and append a row per case to ``out``; returns the new rows.
 
     ``skipped`` maps a case key to the reason it is not run (a row with status "skipped");
     ``done`` holds the keys of cases already in the file (``--resume``): not run again.
     """
+    cases, rounds, timeout = list(suite.cases), suite.rounds, suite.timeout
     skipped = skipped or {}
     done = done or set()
     pending = [case for case in cases if case.key not in done]
@@ -169,7 +152,7 @@ def run_cases(
 
     def finish(case: Case, results: list[dict]) -> None:
         row = make_row(case, results, env, rounds)
-        append_row(out_path, row)
+        out.append(row)
         new_rows.append(row)
         on_row(row)
         reporter.advance()
@@ -182,7 +165,7 @@ def run_cases(
         for case in pending:
             if case.key in skipped:
                 finish(case, [{"status": "skipped", "error": skipped[case.key]}])
-        runnable = [case for case in pending if case.key not in skipped]
+        runnable = [case.with_defaults() for case in pending if case.key not in skipped]
         results: dict[tuple, list[dict]] = {case.key: [] for case in runnable}
         last_round = {
             case.key: max(i for i, runs in enumerate(split_runs(case.runs, rounds)) if runs)

@@ -38,7 +38,7 @@ class TrainStep:
         precision: str = "fp32",
         channels_last: bool = False,
         mode: str = "train",
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -53,14 +53,14 @@ class TrainStep:
         self.model = model.to(self.device, memory_format=memory_format)
         self.model.train(mode == "train")
         self.module = self.model
-        if compile:
-            self.module = torch.compile(self.model)
+        if compile:  # a string names a torch.compile backend ("eager" in tests)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.module = torch.compile(self.model, backend=backend)
         self.mode = mode
         self.precision = precision
-        self.input = torch.ones(
-            batch_size, in_channels, image_size, image_size, device=self.device
-        ).contiguous(memory_format=memory_format)
-        self.input.requires_grad_(mode == "train")
+        self.memory_format = memory_format
+        self.in_channels = in_channels
+        self.set_input(batch_size, image_size)
         self.optimizer = None
         self.scaler = None
         if mode == "train":
@@ -69,6 +69,22 @@ class TrainStep:
             )
             if precision == "amp_fp16":
                 self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def set_input(self, batch_size: int, image_size: int) -> None:
+        """Replace the fixed input with one of ones at this batch and image size."""
+        self.input = torch.ones(
+            batch_size, self.in_channels, image_size, image_size, device=self.device
+        ).contiguous(memory_format=self.memory_format)
+        self.input.requires_grad_(self.mode == "train")
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Within the block, steps run the model uncompiled (counting FLOPs, say)."""
+        module, self.module = self.module, self.model
+        try:
+            yield self
+        finally:
+            self.module = module
 
     def _autocast(self):
         dtype = _AUTOCAST_DTYPES.get(self.precision)

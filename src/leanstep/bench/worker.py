@@ -5,6 +5,11 @@ allocator caches, threads or crash cannot touch another. The parent writes one J
 the worker's stdin; the worker answers on its stdout with JSON lines: ``{"phase": NAME}`` as each
 phase starts, then ``{"result": {...}}``. Anything the model itself prints goes to stderr, which
 the parent keeps to explain a worker that dies.
+
+A worker never outlives the run that started it: it leads a process group of its own (so the
+compiler processes of ``torch.compile`` go with it), the kernel sends it SIGKILL when its parent
+dies (Linux ``PR_SET_PDEATHSIG``), and the parent kills the whole group on every way out: result,
+timeout, exception, Ctrl-C or SIGTERM (which ``leanstep bench`` turns into an exception).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def main() -> int:
         from .measure import measure_case
 
         result = measure_case(
-            Case(**request["case"]),
+            Case.from_dict(request["case"]),
             runs=request.get("runs"),
             measure_memory=request.get("measure_memory", True),
             flops=request.get("flops", True),
@@ -81,6 +86,29 @@ def main() -> int:
         result = {"status": failure_status(error), "error": _one_line(error)}
     send({"result": result})
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: a process group of its own, and SIGKILL when the parent dies
+    (Linux; elsewhere the parent's own clean-up is all there is)."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group (the worker and any compiler children), then reap."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
 
 
 def _read_lines(stream, lines: queue.Queue) -> None:
@@ -126,7 +154,7 @@ def run_worker(
         process = subprocess.Popen(
             [sys.executable, "-m", "leanstep.bench.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file, env=env,
-            text=True,
+            text=True, preexec_fn=_die_with_parent,
         )
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
@@ -144,8 +172,7 @@ def run_worker(
                     line = lines.get(timeout=0.2)
                 except queue.Empty:
                     if deadline is not None and time.monotonic() > deadline:
-                        process.kill()
-                        process.wait()
+                        _kill_group(process)
                         return {"status": "timeout", "error": f"timed out after {timeout:g} s"}
                     continue
                 if line is None:
@@ -158,11 +185,8 @@ def run_worker(
                     on_phase(message["phase"])
                 elif "result" in message:
                     result = message["result"]
-            process.wait()
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
+        finally:
+            _kill_group(process)  # on every way out, with any compiler children
         if result is None:
             return {
                 "status": "error",

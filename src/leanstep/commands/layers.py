@@ -12,7 +12,10 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument(
+        "--bs", "--batch", dest="bs", type=int, default=16,
+        help="batch size (default 16; --batch is the old spelling)",
+    )
     parser.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
     parser.add_argument(
         "--iters", type=int, default=20, help="timed steps per variant after warm-up (default 20)"
@@ -23,28 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def render_table(result: dict):
-    """The results as a rich table, ratios to the first row."""
-    from rich.markup import escape
-    from rich.table import Table
-
+def table_lines(result: dict) -> tuple[str, list[str], list[list[str]], str]:
+    """Title, headers, lines and caption of the results table (ratios to the first row)."""
     config = result["config"]
-    table = Table(
-        title=escape(
-            f"{config['stack']}, batch {config['batch_size']}, {config['image_size']}x"
-            f"{config['image_size']}, {config['device']}, {config['threads']} threads, "
-            f"torch {config['torch']}"
-        ),
-        caption=(
-            f"step = forward + backward + SGD step, median and IQR of {config['iters']} steps; "
-            f"x = ratio to the first row"
-        ),
+    title = (
+        f"{config['stack']}, batch {config['batch_size']}, {config['image_size']}x"
+        f"{config['image_size']}, {config['device']}, {config['threads']} threads, "
+        f"torch {config['torch']}"
     )
-    table.add_column("variant", no_wrap=True)
-    for header in ("saved MiB", "peak MiB", "step ms", "IQR ms", "saved x", "peak x", "time x"):
-        table.add_column(header, justify="right", no_wrap=True)
-    for row in result["rows"]:
-        table.add_row(
+    caption = (
+        f"step = forward + backward + SGD step, median and IQR of {config['iters']} steps; "
+        f"x = ratio to the first row"
+    )
+    headers = ["variant", "saved MiB", "peak MiB", "step ms", "IQR ms", "saved x", "peak x",
+               "time x"]
+    lines = [
+        [
             row["variant"],
             f"{row['saved_mib']:.1f}",
             f"{row['peak_mib']:.1f}",
@@ -53,8 +50,10 @@ def render_table(result: dict):
             _ratio_text(row["saved_ratio"]),
             _ratio_text(row["peak_ratio"]),
             _ratio_text(row["time_ratio"]),
-        )
-    return table
+        ]
+        for row in result["rows"]
+    ]
+    return title, headers, lines, caption
 
 
 def _ratio_text(ratio: float | None) -> str:
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     status = Console(stderr=True)
     result = run_layer_bench(
-        batch_size=args.batch,
+        batch_size=args.bs,
         image_size=args.size,
         iters=args.iters,
         threads=args.threads,
@@ -78,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        console = Console()
-        if not console.is_terminal:
-            console.width = max(console.width, 120)
-        console.print(render_table(result))
+        from leanstep.bench.table import print_table
+
+        title, headers, lines, caption = table_lines(result)
+        print_table(headers, lines, title=title, caption=caption)
     return 0

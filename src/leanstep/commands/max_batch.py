@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanstep.bench.cases import add_case_arguments, cases_from_args, is_suite_path, validate_case
 from leanstep.bench.max_batch import case_max_batch, parse_budget
 from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL
-from leanstep.commands.predict import text_table
+from leanstep.bench.suite import is_suite
+from leanstep.bench.table import print_table
+from leanstep.bench.validate import validate_case
+from leanstep.commands.case_args import add_case_arguments, suite_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +44,11 @@ def _gain(batch: int, first: int | None) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     budget = parse_budget(args.memory)
-    if is_suite_path(args.target):
+    if is_suite(args.target):
         raise ValueError("max-batch takes a model (and variant options), not a suite file")
     if args.bs is not None:
         raise ValueError("max-batch searches the batch size; drop --bs")
-    cases = cases_from_args(args)
+    cases = suite_from_args(args).cases
     for case in cases:
         validate_case(case, require_device=False)
     rows, first_batch = [], {}
@@ -87,7 +89,7 @@ def _print_table(rows: list[dict], budget_text: str) -> None:
         )
         for row in rows
     ]
-    print(text_table(headers, lines))
+    print_table(headers, lines)
     print()
     for model in dict.fromkeys(row["model"] for row in rows):
         parts = []

@@ -12,13 +12,11 @@ import argparse
 import json
 import sys
 
-from leanstep.bench.cases import (
-    add_case_arguments,
-    cases_from_args,
-    is_suite_path,
-    validate_case,
-)
 from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL, predict_case
+from leanstep.bench.suite import is_suite
+from leanstep.bench.table import print_table
+from leanstep.bench.validate import validate_case
+from leanstep.commands.case_args import add_case_arguments, suite_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,18 +89,6 @@ def _print_details(row: dict) -> None:
     print(f"  predicted in {row['seconds']:.1f} s\n")
 
 
-def text_table(headers: tuple[str, ...], lines: list[tuple[str, ...]], *, left: int = 1) -> str:
-    """Columns aligned under ``headers``: the first ``left`` to the left, the rest right."""
-    widths = [max(len(head), *(len(line[i]) for line in lines)) for i, head in enumerate(headers)]
-    rendered = []
-    for cells in (headers, tuple("-" * width for width in widths), *lines):
-        rendered.append("  ".join(
-            cell.ljust(width) if i < left else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip())
-    return "\n".join(rendered)
-
-
 def _print_table(rows: list[dict]) -> None:
     headers = ("group", "case", "bs", "px", "predicted MiB", "reference MiB", "ratio", "s")
     lines = []
@@ -116,7 +102,7 @@ def _print_table(rows: list[dict]) -> None:
             f"{row['ratio']:.3f}" if ok and "ratio" in row else "-",
             f"{row['seconds']:.1f}" if ok else "-",
         ))
-    print(text_table(headers, lines, left=2))
+    print_table(headers, lines, left=2)
     print(f"\npredicted: {PEAK_LABEL}; ratio = predicted / reference")
     for row in rows:
         if row["status"] != "ok":
@@ -124,8 +110,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cases = cases_from_args(args)
-    from_suite = is_suite_path(args.target)
+    cases = suite_from_args(args).cases
+    from_suite = is_suite(args.target)
     if not from_suite:
         for case in cases:
             validate_case(case, require_device=False)

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanstep.bench.cases import (
-    add_case_arguments,
-    build_model,
-    cases_from_args,
-    is_suite_path,
-    validate_case,
-)
+from leanstep.bench.cases import build_model
+from leanstep.bench.suite import is_suite
+from leanstep.bench.table import print_table
+from leanstep.bench.validate import validate_case
 from leanstep.bench.verify import TOLERANCE, verify_models
-from leanstep.commands.predict import text_table
+from leanstep.commands.case_args import add_case_arguments, suite_from_args
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_IMAGE_SIZE = 64
@@ -50,11 +47,11 @@ def _same_shapes(cases) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if is_suite_path(args.target):
+    if is_suite(args.target):
         raise ValueError("verify takes a model and variant options, not a suite file")
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance!r}")
-    cases = cases_from_args(args)
+    cases = list(suite_from_args(args).cases)
     if len(cases) < 2:
         raise ValueError(
             "verify needs at least two variants: give comma lists, e.g. --norm bn,inplace_abn"
@@ -97,6 +94,6 @@ def _print_result(result: dict, first) -> None:
             *_worst_cells(variant["buffers"]),
             "ok" if variant["passed"] else "FAILED",
         ))
-    print(text_table(headers, lines))
+    print_table(headers, lines)
     print("rel = max |difference| / max |reference value|, per tensor; worst = largest rel")
     print("passed" if result["passed"] else "FAILED: a difference exceeds the tolerance")

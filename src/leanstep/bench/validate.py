@@ -1,0 +1,141 @@
+"""Checks of a benchmark case before anything runs, so a suite never fails half-way on a typo.
+
+Each check raises ValueError with one line naming the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cases import DEVICES, Case, build_model
+from .specs import MissingPackageError, parse_spec, require_package, resolve_callable
+from .step import MODES, PRECISIONS
+
+__all__ = ["MAX_INT", "MissingPackageError", "check_int", "validate_case"]
+
+# Largest count a case accepts (batch, image size, runs, ...): beyond it torch's int64 shape
+# arithmetic overflows long before any step could run.
+MAX_INT = 2**31 - 1
+
+
+def check_int(label: str, value: object, minimum: int, maximum: int = MAX_INT) -> None:
+    """ValueError unless ``value`` is an int in [minimum, maximum] (bool is not an int here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{label} must be an int >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{label} must be an int <= {maximum}, got {value!r}")
+
+
+def _check_choice(label: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {label} {value!r}; valid: {', '.join(allowed)}")
+
+
+def _check_device(device: object, require_device: bool) -> None:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if kind == "cuda" and require_device and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} requested but CUDA is not available (torch "
+            f"{torch.__version__}); use --device cpu"
+        )
+
+
+class _SingleValuePerChannel(Exception):
+    pass
+
+
+def _check_runs_at(model: nn.Module, case: Case, batch_size: int, image_size: int) -> None:
+    """Shape-check a forward pass on the meta device: no memory, no compute.
+
+    Eval mode keeps data-dependent code paths (which meta tensors cannot run) out of the way; a
+    hook on every BatchNorm stands in for training mode's "more than 1 value per channel" check.
+    """
+
+    def check_values(module, inputs):
+        x = inputs[0]
+        if x.dim() >= 2 and x.numel() // max(x.shape[1], 1) <= 1:
+            raise _SingleValuePerChannel(type(module).__name__)
+
+    hooks = []
+    if case.mode == "train":
+        hooks = [
+            m.register_forward_pre_hook(check_values)
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+    model.eval()
+    x = torch.ones(batch_size, case.in_channels, image_size, image_size, device="meta")
+    try:
+        with torch.no_grad():
+            model(x)
+    except _SingleValuePerChannel as error:
+        raise ValueError(
+            f"image size {image_size} is too small for {case.model} at batch size {batch_size}: "
+            f"{error} would see one value per channel in training"
+        ) from None
+    except NotImplementedError:
+        return
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if "meta" in message.lower():
+            return
+        raise ValueError(
+            f"image size {image_size} is too small for {case.model}: {message}"
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def validate_case(case: Case, *, require_device: bool = True) -> None:
+    """Raise ValueError for anything that would make ``case`` fail before it measures.
+
+    Checks numbers, device (CUDA present unless ``require_device=False``), precision, mode, the
+    norm/activation pair, the model spec and its options (by building the model on the meta
+    device) and that the image is large enough. MissingPackageError (a ValueError) when a peer
+    package is not installed. A ``package.module:callable`` is imported but not called: what it
+    does when called is the case's own business, recorded as that case's error.
+    """
+    for label, minimum in (("batch_size", 1), ("image_size", 1), ("in_channels", 1),
+                           ("num_classes", 1), ("runs", 1), ("iters", 1)):
+        check_int(label.replace("_", " "), getattr(case, label), minimum)
+    for label, minimum in (("warmup", 0), ("threads", 1), ("memory_batch_size", 1),
+                           ("memory_image_size", 1)):
+        if getattr(case, label) is not None:
+            check_int(label.replace("_", " "), getattr(case, label), minimum)
+    for label in ("channels_last", "compile"):
+        if not isinstance(getattr(case, label), bool):
+            raise ValueError(f"{label} must be true or false, got {getattr(case, label)!r}")
+    _check_device(case.device, require_device)
+    _check_choice("precision", case.precision, PRECISIONS)
+    _check_choice("mode", case.mode, MODES)
+    if case.precision == "amp_fp16" and case.device_type != "cuda":
+        raise ValueError("precision 'amp_fp16' needs CUDA; use 'amp_bf16' or 'fp32' on CPU")
+    if not isinstance(case.options, dict):
+        raise ValueError(f"options must be a table of model keywords, got {case.options!r}")
+    spec = parse_spec(case.model)
+    if spec.is_callable:
+        resolve_callable(spec)
+        return
+    if spec.kind == "leanstep" and "norm" in case.options and "activation" in case.options:
+        from leanstep.layers import check_norm_activation
+
+        check_norm_activation(case.options["norm"], case.options["activation"])
+    if spec.kind != "leanstep":
+        require_package(spec.kind)
+    try:
+        with torch.device("meta"):
+            model = build_model(case)
+    except TypeError as error:
+        raise ValueError(f"bad option for model {case.model!r}: {error}") from None
+    except ImportError as error:
+        raise ValueError(f"cannot build model {case.model!r}: {error}") from None
+    batch_sizes = [case.batch_size, case.memory_batch_size or case.batch_size]
+    image_sizes = [case.image_size, case.memory_image_size or case.image_size]
+    _check_runs_at(model, case, min(batch_sizes), min(image_sizes))
