@@ -83,3 +83,36 @@ def test_measure_refuses_what_bench_cannot_run_yet(capsys):
     code, _, err = _run(capsys, MODEL, "--memory", "1.1MiB", *STEP, "--no-max-batch",
                         "--measure", "--optimizer", "adam")
     assert code == 2 and "SGD" in err
+
+
+def _mixed_plan_file(tmp_path, capsys) -> str:
+    """A plan for leanstep's resnet18 with every choice in it."""
+    path = tmp_path / "mix.json"
+    code, _, _ = _run(capsys, "resnet18", "--memory", "1GiB", "--bs", "2", "--size", "32",
+                      "--no-max-batch", "--out", str(path))
+    assert code == 0
+    plan = Plan.load(path)
+    plan.choices = ["checkpoint", "lean", "plain", "lean", "checkpoint", "plain", "lean",
+                    "checkpoint"]
+    plan.save(path)
+    return str(path)
+
+
+def test_plan_file_reaches_predict_and_verify(capsys, tmp_path):
+    path = _mixed_plan_file(tmp_path, capsys)
+    code = main(["predict", "resnet18", "--plan", f"none,{path}", "--bs", "16", "--size", "64",
+                 "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and [row["name"] for row in rows] == [
+        "resnet18 plan=none", f"resnet18 plan={path}"]
+    assert rows[1]["predicted_mib"] < rows[0]["predicted_mib"]
+    code = main(["verify", "resnet18", "--plan", f"none,{path}", "--bs", "2", "--size", "32"])
+    assert code == 0 and "passed" in capsys.readouterr().out
+
+
+def test_plan_file_errors(capsys, tmp_path):
+    path = _mixed_plan_file(tmp_path, capsys)
+    code = main(["predict", "resnet34", "--plan", path, "--bs", "2", "--size", "32"])
+    assert code == 2 and "made for 'resnet18'" in capsys.readouterr().err
+    code = main(["predict", "resnet18", "--plan", str(tmp_path / "none.json"), "--bs", "2"])
+    assert code == 2 and "not found" in capsys.readouterr().err

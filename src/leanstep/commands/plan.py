@@ -78,7 +78,7 @@ def _case(args: argparse.Namespace, options: dict, batch_size: int, size: tuple[
 
 
 def _options(args: argparse.Namespace) -> dict:
-    from leanstep.bench.cases import _parse_literal
+    from leanstep.commands.case_args import _parse_literal
 
     options: dict = {}
     if args.norm is not None:
@@ -97,11 +97,12 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _check(args: argparse.Namespace) -> tuple[int, tuple[int, int], dict]:
-    from leanstep.bench.cases import is_suite_path, validate_case
     from leanstep.bench.max_batch import parse_budget
+    from leanstep.bench.suite import is_suite
+    from leanstep.bench.validate import validate_case
     from leanstep.planner.step import parse_input_size
 
-    if is_suite_path(args.target):
+    if is_suite(args.target):
         raise ValueError("plan takes one model, not a suite file")
     parse_budget(args.memory)
     try:
@@ -121,12 +122,12 @@ def _check(args: argparse.Namespace) -> tuple[int, tuple[int, int], dict]:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.measure and args.optimizer != "sgd":
-        raise ValueError(f"--measure runs leanstep bench, whose step uses SGD: it cannot measure "
-                         f"--optimizer {args.optimizer} yet (issue 13)")
-    if args.measure and size[0] != size[1]:
-        raise ValueError(f"--measure runs leanstep bench, whose inputs are square: it cannot "
-                         f"measure {size[0]}x{size[1]} yet (issue 13)")
+    if args.measure:
+        from leanstep.planner import Plan
+        from leanstep.planner.measure import check_measurable
+
+        check_measurable(Plan(blocks=[], choices=[], model=args.target, input_size=size,
+                              optimizer=args.optimizer))
     options = _options(args)
     case = _case(args, options, batch_size, size)
     validate_case(case, require_device=args.calibrate or args.measure)
@@ -226,7 +227,7 @@ def _seconds(value: float) -> str:
 
 
 def _print(args: argparse.Namespace, result) -> None:
-    from leanstep.commands.predict import text_table
+    from leanstep.bench.table import print_table
     from leanstep.planner.cost import ESTIMATE
 
     report = result.report
@@ -262,7 +263,7 @@ def _print(args: argparse.Namespace, result) -> None:
             else:
                 line += [_mib(row["peak_mib"]), _seconds(row["step_ms"] / 1e3)]
         lines.append(tuple(line))
-    print(text_table(tuple(headers), lines))
+    print_table(headers, lines)
     plan_s = report["plan"]["estimated_step_s"]
     ckpt_s = report["baselines"]["checkpoint"]["estimated_step_s"]
     print(f"\nestimated: plan / every block checkpointed = {plan_s / ckpt_s:.2f}x")

@@ -7,7 +7,7 @@ blocks whose predicted training-step peak fits a memory budget.
 
 from .choices import CHOICES, apply_assignment
 from .cost import DEFAULT_RATES, Rates, calibrate
-from .plan import FORMAT, NothingFitsError, Plan, plan, planned_model
+from .plan import FORMAT, NothingFitsError, Plan, plan
 from .trace import UnpredictableError
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "apply_assignment",
     "calibrate",
     "plan",
-    "planned_model",
 ]

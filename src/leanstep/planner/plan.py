@@ -40,7 +40,7 @@ from .solve import fastest, smallest_peak
 from .step import OPTIMIZERS, parse_input_size
 from .trace import FakeStep, Trace
 
-__all__ = ["FORMAT", "NothingFitsError", "Plan", "plan", "planned_model"]
+__all__ = ["FORMAT", "NothingFitsError", "Plan", "plan"]
 
 FORMAT = "leanstep-plan/1"
 MIB = 2**20
@@ -64,7 +64,8 @@ class Plan:
     ``apply(model)`` transforms a model in place (the blocks must have the same names);
     ``build()`` builds ``model`` (a spec) and applies. ``to_json``/``from_json`` round-trip.
     ``report`` holds the figures (``predicted_mib``, ``estimated_step_s``, ``slowdown``,
-    ``baselines``, ``max_batch``, ``estimate``), informative only: applying needs none.
+    ``baselines``, ``max_batch``, ``estimate``), informative only: applying needs none;
+    ``source``: the file it was loaded from, if any.
     """
 
     blocks: list[str]
@@ -81,6 +82,7 @@ class Plan:
     device_like: str = "cpu"
     budget_bytes: int | None = None
     report: dict = field(default_factory=dict)
+    source: str | None = None
 
     def __post_init__(self):
         if len(self.blocks) != len(self.choices):
@@ -533,15 +535,3 @@ def plan(
         optimizer=optimizer, device_like=device_like, budget_bytes=budget, report=report,
     )
 
-
-def planned_model(plan: dict | str, num_classes: int | None = None,
-                  in_channels: int | None = None) -> nn.Module:
-    """The model a plan was made for, built and transformed: a ``package.module:callable``
-    builder, so that ``leanstep bench leanstep.planner:planned_model --option plan=plan.json``
-    measures a plan. ``plan``: a plan file's path or the plan as a dict."""
-    loaded = Plan.load(plan) if isinstance(plan, (str, Path)) else Plan.from_dict(plan)
-    for label, given, planned in (("num_classes", num_classes, loaded.num_classes),
-                                  ("in_channels", in_channels, loaded.in_channels)):
-        if given is not None and given != planned:
-            raise ValueError(f"the plan was made for {label}={planned}, not {given}")
-    return loaded.build()

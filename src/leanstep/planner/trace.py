@@ -105,7 +105,7 @@ class Trace:
 def _flop_formulas() -> dict:
     from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-    from leanstep.bench.timing import _conv_backward_flop
+    from leanstep.bench.flops import _conv_backward_flop
 
     return {
         **flop_registry,
