@@ -239,7 +239,11 @@ def _print(args: argparse.Namespace, result) -> None:
     abn = f"; inplace_abn {report['inplace_abn']}" if report["inplace_abn"] else ""
     print(f"{len(result.blocks)} blocks ({result.blocks[0]} .. {result.blocks[-1]}); choices: "
           f"{', '.join(report['choices'])}{abn}")
-    print(f"\nchosen: {result.describe()}\n")
+    print(f"\nchosen: {result.describe()}")
+    if result.activation:
+        print(f"note: the InplaceABN blocks use {result.activation} in place of the model's "
+              f"activation (--allow-activation-change): the model's outputs change")
+    print()
     rows = [("plan", report["plan"]),
             ("every block lean", report["baselines"]["lean"]),
             ("every block checkpointed", report["baselines"]["checkpoint"]),

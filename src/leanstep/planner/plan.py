@@ -513,7 +513,9 @@ def plan(
             c: figures([c] * len(names), traces[c].peak, traces[c].memory) for c in BASELINES
         },
         "choices": choices,
-        "inplace_abn": None if abn_reason is None else f"not a choice: {abn_reason}",
+        "inplace_abn": (f"not a choice: {abn_reason}" if abn_reason is not None else
+                        f"converts activations to {activation}: outputs change" if activation
+                        else None),
         "estimate": {"rates": rates.to_dict(), "calibrated": rates.plain_step_s is not None},
     }
     if max_batch:
