@@ -58,6 +58,7 @@ def test_nothing_fits_exits_1(capsys):
         ([MODEL, "--memory", "1GiB", "--bs", "8,16", "--size", "16"], "--bs must be"),
         ([MODEL, "--memory", "1GiB", "--bs", "8", "--size", "16x"], "bad input size"),
         ([MODEL, "--memory", "1GiB", *STEP, "--precision", "fp8"], "unknown precision"),
+        ([MODEL, "--memory", "1GiB", *STEP, "--precision", "amp_fp16"], "--device-like cuda"),
         (["_plan_models:no_blocks", "--memory", "1GiB", *STEP], "--blocks NAME"),
         ([MODEL, "--memory", "1GiB", *STEP, "--blocks", "Nope"], "neither a module name"),
         (["_plan_models:branchy", "--memory", "1GiB", *STEP], "leanstep bench"),

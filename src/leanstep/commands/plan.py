@@ -68,12 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _case(args: argparse.Namespace, options: dict, batch_size: int, size: tuple[int, int]):
+    """The case that validates the command line (model, options, sizes) as bench would."""
     from leanstep.bench.cases import Case
 
+    precision = args.precision
+    if precision == "amp_fp16" and not (args.calibrate or args.measure):
+        precision = "amp_bf16"  # planned CUDA-like: only its element size matters here
     return Case(
         suite="plan", group="plan", name=args.target, model=args.target, options=options,
         batch_size=batch_size, image_size=min(size), device=args.device,
-        precision=args.precision, threads=args.threads,
+        precision=precision, threads=args.threads,
     )
 
 
