@@ -364,17 +364,30 @@ def test_input_that_autograd_still_needs_raises_at_backward():
 
 @pytest.mark.parametrize("cls", [BatchNormAct, ABN, InplaceABN])
 def test_state_dict_is_batchnorm2d_and_loads_its_checkpoints(cls):
-    batchnorm = nn.BatchNorm2d(5)
+    """A BatchNorm2d checkpoint (every entry unlike the defaults) loads into the norm, which
+    then holds those values and computes BN + activation with them in eval mode; the norm's
+    own checkpoint loads into a fresh BatchNorm2d the same way."""
+    batchnorm = nn.BatchNorm2d(5).double()
     with torch.no_grad():
-        batchnorm.weight.normal_()
+        batchnorm.weight.uniform_(0.5, 1.5)
+        batchnorm.bias.normal_()
+        batchnorm.running_mean.normal_()
         batchnorm.running_var.uniform_(1, 2)
     batchnorm.num_batches_tracked.fill_(7)
-    module = cls(5)
-    assert list(module.state_dict()) == list(batchnorm.state_dict())
-    module.load_state_dict(batchnorm.state_dict())
-    batchnorm.load_state_dict(module.state_dict())
-    for key, value in batchnorm.state_dict().items():
-        torch.testing.assert_close(module.state_dict()[key], value)
+    checkpoint = {key: value.clone() for key, value in batchnorm.state_dict().items()}
+    module = cls(5).double()
+    assert list(module.state_dict()) == list(checkpoint)
+    module.load_state_dict(checkpoint)
+    for key, value in checkpoint.items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    expected = F.leaky_relu(batchnorm.eval()(x), 0.01)
+    torch.testing.assert_close(module.eval()(x.clone()), expected, **EXACT)
+
+    fresh = nn.BatchNorm2d(5).double()
+    fresh.load_state_dict(module.state_dict())
+    for key, value in checkpoint.items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_registry_names_and_classes():
