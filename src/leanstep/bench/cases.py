@@ -53,7 +53,8 @@ class Case:
 
     ``memory_batch_size`` / ``memory_image_size`` (None: the timing ones) let the memory pass run
     at a larger input than the timing pass, so that activations dominate the peak where timing
-    at that size would be too slow (VGG16 on a CPU).
+    at that size would be too slow (VGG16 on a CPU). ``plan``: a ``leanstep plan`` (as
+    ``Plan.to_dict``) applied to the model's blocks after it is built.
     """
 
     suite: str
@@ -77,6 +78,7 @@ class Case:
     reference: dict = field(default_factory=dict)
     memory_batch_size: int | None = None
     memory_image_size: int | None = None
+    plan: dict | None = None
     index: int = 0
 
     @property
@@ -137,10 +139,15 @@ def build_model(case: Case) -> nn.Module:
     The one place a case's model is made (worker, DDP ranks, predict, verify, validation on the
     meta device): model transforms that apply to any spec belong right after the build here.
     """
-    return build_from_spec(
+    model = build_from_spec(
         case.model, num_classes=case.num_classes, in_channels=case.in_channels,
         options=case.options,
     )
+    if case.plan is not None:
+        from leanstep.planner import Plan
+
+        Plan.from_dict(case.plan).apply(model)
+    return model
 
 
 def make_step(case: Case, model: nn.Module | None = None) -> TrainStep:

@@ -89,6 +89,21 @@ class Axis:
     suite: bool = False
     nargs: str | None = None
     const: str | None = None
+    show: Callable[[object], str] | None = None
+
+
+def _parse_plan(text: str, label: str) -> dict | None:
+    """A plan file (``leanstep plan --out``) as a Case's plan, or None for "none"."""
+    if text.lower() == "none":
+        return None
+    from leanstep.planner import Plan
+
+    plan = Plan.load(text)
+    return {**plan.to_dict(), "report": {}, "source": text}
+
+
+def _show_plan(value: object) -> str:
+    return "none" if value is None else str(value.get("source") or "plan")
 
 
 AXES = (
@@ -107,6 +122,8 @@ AXES = (
          suite=True),
     Axis("--mode", "mode", _text, f"{' or '.join(MODES)}: full step, or eval no_grad forward",
          "mode", suite=True),
+    Axis("--plan", "plan", _parse_plan, "a plan file from `leanstep plan --out` (none: plain)",
+         "plan", show=_show_plan),
 )
 
 # Options with one value that apply to every case (ad hoc or suite): (flag, Case field, type).
@@ -218,13 +235,14 @@ def _adhoc(args: argparse.Namespace) -> Suite:
             options: dict = {}
             fields: dict = {}
             label_parts = [model]
-            for (_, label, target, values), value in zip(axes, combination, strict=True):
+            for (axis, label, target, values), value in zip(axes, combination, strict=True):
                 if target.startswith("option:"):
                     options[target.split(":", 1)[1]] = value
                 else:
                     fields[target] = value
                 if len(values) > 1:
-                    label_parts.append(f"{label}={'none' if value is None else value}")
+                    shown = axis.show(value) if axis and axis.show else value
+                    label_parts.append(f"{label}={'none' if shown is None else shown}")
             cases.append(Case(
                 suite=suite, group=groups[0], name=" ".join(str(p) for p in label_parts),
                 model=model, options=options, index=len(cases), **{**fields, **overrides},
