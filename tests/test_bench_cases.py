@@ -291,11 +291,55 @@ def test_cpu_case_predicted_past_the_free_ram_is_skipped(monkeypatch):
 
     monkeypatch.setattr(measure, "available_memory_mib", lambda: 10 * 1024.0)
     case = Case("s", "g", "n", "resnet18")
-    reason = measure._ram_skip_reason(case, predicted_mib=9 * 1024.0)
-    assert reason == "would need 9.0 GiB, 10.0 GiB free"
-    assert measure._ram_skip_reason(case, predicted_mib=7 * 1024.0) is None
+    reason = measure._ram_skip_reason(case, predicted_mib=8.1 * 1024.0)
+    assert reason == "would need 8.1 GiB, 10.0 GiB free"
+    assert measure._ram_skip_reason(case, predicted_mib=7.9 * 1024.0) is None
     cuda_case = Case("s", "g", "n", "resnet18", device="cuda")
     assert measure._ram_skip_reason(cuda_case, predicted_mib=9 * 1024.0) is None
+
+
+@pytest.mark.parametrize(("share", "status"), [(0.79, "ok"), (0.81, "skipped")])
+def test_the_80_percent_ram_rule_through_bench_writes_the_skipped_row(
+    tmp_path, monkeypatch, capsys, share, status
+):
+    """A case predicted at 79% of the free RAM runs, at 81% it is skipped, and its row (with
+    the prediction and the reason) is in the results file. The workers run in this process
+    here, so that the free-RAM reader can be replaced."""
+    from leanstep.bench import measure, runner
+    from leanstep.bench.predict import predict_case
+
+    case = Case("ram", "g", "tiny", "resnet18", batch_size=2, image_size=32, runs=1, iters=1,
+                warmup=0, threads=1)
+    predicted = predict_case(case)["predicted_mib"]
+    monkeypatch.setattr(measure, "available_memory_mib", lambda: predicted / share)
+
+    def in_process(request, *, threads, timeout=None, on_phase=lambda name: None):
+        result = measure.measure_case(
+            Case.from_dict(request["case"]), runs=request["runs"], flops=False,
+            predict=request["predict"], phase=on_phase,
+        )
+        torch.set_num_threads(1)
+        return result
+
+    monkeypatch.setattr(runner, "run_worker", in_process)
+    suite = tmp_path / "ram.toml"
+    suite.write_text(
+        'name = "ram"\n[[group]]\nname = "g"\n[[group.case]]\nname = "tiny"\n'
+        'model = "resnet18"\nbatch_size = 2\nimage_size = 32\nruns = 1\niters = 1\n'
+        "warmup = 0\nthreads = 1\n"
+    )
+    out = tmp_path / "ram.jsonl"
+    assert main(["bench", str(suite), "--out", str(out), "--no-progress"]) == 0
+    import json
+
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == status and row["predicted_mib"] == pytest.approx(predicted)
+    free_gib = predicted / share / 1024
+    if status == "skipped":
+        assert row["error"] == f"would need {predicted / 1024:.1f} GiB, {free_gib:.1f} GiB free"
+        assert row["fwd_ms_mean"] is None and row["peak_mib"] is None
+    else:
+        assert row["error"] is None and row["fwd_ms_mean"] > 0 and row["peak_mib"] > 0
 
 
 def test_resume_drops_a_line_cut_short(tmp_path):
