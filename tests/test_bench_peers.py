@@ -116,9 +116,12 @@ def test_timm_builder_asks_for_no_weights_and_passes_classes_channels_and_option
 
 
 def test_torchvision_builder_asks_for_no_weights_and_refuses_other_channels(stand_ins):
-    model = build_from_spec("torchvision:tiny_net", num_classes=7, in_channels=3, options={})
+    model = build_from_spec("torchvision:tiny_net", num_classes=7, in_channels=3,
+                            options={"width": 2})
     assert model(torch.ones(1, 3, 4, 4)).shape == (1, 7)
-    assert _calls("torchvision") == [{"name": "tiny_net", "weights": None, "num_classes": 7}]
+    assert _calls("torchvision") == [
+        {"name": "tiny_net", "weights": None, "num_classes": 7, "width": 2}
+    ]
     with pytest.raises(ValueError, match="torchvision models take in_channels=3 only"):
         build_from_spec("torchvision:tiny_net", num_classes=7, in_channels=1, options={})
     with pytest.raises(ValueError, match="unknown torchvision model 'nope'"):
