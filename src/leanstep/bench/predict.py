@@ -59,10 +59,6 @@ _TOTAL = "Total"  # MemTracker's key for the sum of all categories
 PEAK_LABEL = "tensor-level peak: a lower bound of torch.cuda.max_memory_allocated"
 
 
-# Meta kernels that predictions need and PyTorch lacks (see _register_missing_meta_kernels).
-_META_LIBRARY = torch.library.Library("aten", "IMPL")
-
-
 def _round_up(nbytes: int, block: int) -> int:
     return math.ceil(nbytes / block) * block
 
@@ -234,29 +230,6 @@ def _warm_up_optimizer(optimizer: torch.optim.Optimizer) -> None:
         group["foreach"] = path
 
 
-def _register_missing_meta_kernels() -> None:
-    """Give ``aten.batch_norm_update_stats`` (InplaceABN's statistics) a meta kernel.
-
-    PyTorch has none for it, so fake tensors would fall back to running the real CPU kernel on
-    real zero-filled inputs: correct shapes, but full-size allocations and compute, at every
-    batch size. The kernel below only describes the outputs: mean and variance per channel, in
-    the running statistics' dtype (the input's without them), as the CPU kernel returns them.
-    """
-    name = "aten::batch_norm_update_stats"
-    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
-        return
-
-    def batch_norm_update_stats(input, running_mean, running_var, momentum):
-        dtype = running_mean.dtype if running_mean is not None else input.dtype
-        channels = input.shape[1]
-        return (
-            input.new_empty((channels,), dtype=dtype),
-            input.new_empty((channels,), dtype=dtype),
-        )
-
-    _META_LIBRARY.impl("batch_norm_update_stats", batch_norm_update_stats, "Meta")
-
-
 def _check_options(device_like: str, compile: bool) -> None:
     if device_like not in DEVICE_LIKES:
         raise ValueError(f"unknown device_like {device_like!r}; valid: {', '.join(DEVICE_LIKES)}")
@@ -302,7 +275,6 @@ def predict_peak(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _check_options(device_like, compile)
-    _register_missing_meta_kernels()
     started = time.perf_counter()
     block = CUDA_BLOCK_BYTES if device_like == "cuda" else 1
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
