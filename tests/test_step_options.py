@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import partial
 
 import pytest
@@ -120,7 +121,7 @@ def test_cross_entropy_targets_are_fixed_and_in_range():
                             num_classes=7, loss="cross_entropy"))
     assert torch.equal(first.target, second.target)
     assert first.target.min() >= 0 and first.target.max() < 7
-    assert first.target in first.tracked_objects()
+    assert any(obj is first.target for obj in first.tracked_objects())
 
 
 def test_prediction_does_not_patch_the_model_and_leaves_no_meta_kernel():
@@ -148,7 +149,7 @@ def test_meta_kernels_are_registered_only_inside_the_block():
 
 def test_a_missing_torch_internal_names_the_torch_version(monkeypatch):
     monkeypatch.delattr(torch._C, "_dispatch_has_kernel_for_dispatch_key")
-    with pytest.raises(internals.TorchInternalsError, match=torch.__version__):
+    with pytest.raises(internals.TorchInternalsError, match=re.escape(torch.__version__)):
         internals.has_meta_kernel("aten::add")
     from torch.distributed._tools import mem_tracker
 
@@ -202,7 +203,7 @@ def test_data_dependent_model_is_one_line_and_exit_2(command, capsys):
 
 
 @pytest.mark.parametrize("command", [["predict"], ["max-batch", "--memory", "1GiB"],
-                                     ["verify", "--norm", "bn,abn"]])
+                                     ["verify", "--precision", "fp32"]])
 def test_builder_returning_no_module_is_one_line(command, capsys):
     assert main([command[0], f"{__name__}:not_a_module", *command[1:]]) == 2
     err = capsys.readouterr().err.strip()

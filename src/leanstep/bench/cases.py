@@ -155,10 +155,13 @@ def build_model(case: Case) -> nn.Module:
     The one place a case's model is made (worker, DDP ranks, predict, verify, validation on the
     meta device): model transforms that apply to any spec belong right after the build here.
     """
-    model = build_from_spec(
-        case.model, num_classes=case.num_classes, in_channels=case.in_channels,
-        options=case.options,
-    )
+    try:
+        model = build_from_spec(
+            case.model, num_classes=case.num_classes, in_channels=case.in_channels,
+            options=case.options,
+        )
+    except TypeError as error:  # a keyword the builder does not take
+        raise ValueError(f"cannot build model {case.model!r}: {error}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"model spec {case.model!r} built a {type(model).__name__}, not a torch.nn.Module"

@@ -80,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
     _refuse_timing_options(args)
     cases = list(suite_from_args(args).cases)
     settings = [_settings(case, args.precision is not None) for case in cases]
+    for case in cases:
+        validate_case(case, require_device=False)
     if len(cases) < 2 and settings[0].is_reference:
         raise ValueError(
             "verify needs at least two variants: give comma lists, e.g. --norm bn,inplace_abn "
             "(or one variant in another --precision, --mode, --channels-last or --compile)"
         )
     _same_shapes(cases)
-    for case in cases:
-        validate_case(case, require_device=False)
     if args.threads is not None:
         import torch
 
