@@ -146,11 +146,26 @@ def test_saved_bytes_efficient_keeps_one_input_naive_keeps_more(name):
 
 @pytest.mark.parametrize("name", EFFICIENT + NAIVE)
 def test_inplace_request_leaves_input_alone_where_it_would_corrupt_gradients(name):
-    x = torch.randn(3, 4, requires_grad=True)
-    before = x.detach().clone()
-    get_activation(name, inplace=True)(x * 1).sum().backward()
-    torch.testing.assert_close(x.detach(), before)
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    """``inplace=True`` is ignored by the recomputing forms: the activation's input (not a leaf,
+    so autograd would allow writing over it) keeps its value, is read again after the
+    activation, and every gradient equals the out-of-place native op's."""
+    x = _away_from_kinks(torch.randn(3, 4, dtype=torch.float64) * 4).requires_grad_()
+    weight = torch.randn(3, 4, dtype=torch.float64)
+
+    def loss(activation):
+        y = x * 1.5  # not a leaf: an in-place activation could overwrite it
+        before = y.detach().clone()
+        out = activation(y)
+        torch.testing.assert_close(y.detach(), before, rtol=0, atol=0)
+        # y is read again after the activation: an overwritten y changes the loss and gradient
+        return (out * weight).sum() + (y * y).sum() / 2
+
+    expected_loss = loss(get_activation(_reference_name(name)))
+    (expected,) = torch.autograd.grad(expected_loss, x)
+    got_loss = loss(get_activation(name, inplace=True))
+    (got,) = torch.autograd.grad(got_loss, x)
+    torch.testing.assert_close(got_loss, expected_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["relu_typo", "Swish", "", "batchnorm"])

@@ -103,7 +103,28 @@ def test_checkpointed_sequential_trains_like_the_plain_sequential(segment):
     plain = _flat_layers()
     checkpointed = CheckpointedSequential(*copy.deepcopy(plain), segment=segment)
     assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    calls = [_count_calls(child) for child in checkpointed]
     _assert_same_training(plain, checkpointed)
+    # every layer ran twice per step, forward then recompute: checkpointing happened
+    assert [len(c) for c in calls] == [2 * STEPS] * len(checkpointed)
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3, 7, 20])
+def test_checkpointed_sequential_saves_only_the_input_of_each_segment(segment):
+    """What checkpointing is for: autograd keeps the input of each segment of ``segment``
+    layers and nothing inside it (the plain stack keeps every layer's saved tensors)."""
+    plain = _flat_layers()
+    checkpointed = CheckpointedSequential(*copy.deepcopy(plain), segment=segment)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    inputs, h = [], x
+    with torch.no_grad():
+        for layer in copy.deepcopy(plain):
+            inputs.append(h.numel() * h.element_size())
+            h = layer(h)
+    expected = sum(inputs[::segment])
+    assert saved_tensor_bytes(checkpointed, x) == expected
+    if segment > 1:  # a segment per layer keeps more than the plain stack, which shares inputs
+        assert expected < saved_tensor_bytes(plain, x)
 
 
 def _perturbed(model):

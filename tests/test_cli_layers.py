@@ -90,10 +90,22 @@ def test_one_value_per_channel_is_rejected_before_measuring():
         run_layer_bench(batch_size=1, image_size=1, iters=1, threads=1)
 
 
-def test_threads_are_restored_and_a_subset_of_variants_runs():
+def test_threads_are_set_for_the_run_and_restored_and_a_subset_of_variants_runs():
+    """The run uses the threads asked for (not those already set) and gives the previous
+    count back, also when a variant fails to build."""
     before = torch.get_num_threads()
-    result = run_layer_bench(batch_size=2, image_size=4, iters=1, threads=1,
-                             variants=[Variant("abn", "relu"), Variant("inplace_abn", "elu")])
+    threads = before + 1
+    during = set()
+    result = run_layer_bench(batch_size=2, image_size=4, iters=1, threads=threads,
+                             variants=[Variant("abn", "relu"), Variant("inplace_abn", "elu")],
+                             progress=lambda message: during.add(torch.get_num_threads()))
+    assert during == {threads}
+    assert result["config"]["threads"] == threads
     assert torch.get_num_threads() == before
     assert [row["variant"] for row in result["rows"]] == ["ABN+relu", "InplaceABN+elu"]
     assert result["rows"][1]["saved_ratio"] < 1
+
+    with pytest.raises(ValueError, match="no_such_norm"):
+        run_layer_bench(batch_size=2, image_size=4, iters=1, threads=threads,
+                        variants=[Variant("no_such_norm", "relu")])
+    assert torch.get_num_threads() == before

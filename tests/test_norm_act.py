@@ -102,7 +102,9 @@ def test_inplace_abn_equals_batchnorm_then_activation_float64(case):
     generator = torch.Generator().manual_seed(case["seed"])
     shape, (activation, param) = case["shape"], case["activation"]
     channels = shape[1]
-    module = InplaceABN(channels, activation, param, momentum=case["momentum"]).double()
+    # protect=1.0: every channel may keep a copy, however many zero or tiny gammas are drawn
+    module = InplaceABN(channels, activation, param, momentum=case["momentum"], protect=1.0)
+    module = module.double()
     with torch.no_grad():
         gammas = [_gamma(kind, generator) for kind in case["gammas"]]
         module.weight.copy_(torch.tensor(gammas, dtype=torch.float64))
@@ -264,10 +266,10 @@ def test_channels_last_float64_is_exact_and_keeps_the_format():
         torch.testing.assert_close(actual, expected, **EXACT)
 
 
-def test_tiny_gamma_channels_keep_a_copy_and_stay_correct_in_float32():
+def test_tiny_gamma_channels_within_the_budget_stay_correct_in_float32():
     """With |gamma| < 1e-3 (and beta = 1) rebuilding the input from a float32 output would
-    lose it; InplaceABN keeps those channels' input and its gradients stay float32-accurate."""
-    module = InplaceABN(6, "identity")
+    lose it; channels within the protect budget keep their input and stay float32-accurate."""
+    module = InplaceABN(6, "identity", protect=4 / 6)
     with torch.no_grad():
         module.weight.copy_(torch.tensor([1e-5, 0.0, -2e-4, 9.9e-4, 1.0, -1.5]))
         module.bias.fill_(1.0)
@@ -276,20 +278,24 @@ def test_tiny_gamma_channels_keep_a_copy_and_stay_correct_in_float32():
     for name, (actual, expected) in pairs.items():
         error = _relative_error(actual, expected)
         assert error < RELATIVE_TOLERANCE[torch.float32], f"{name}: relative error {error:.2e}"
+    assert module.unprotected_channels.item() == 0
 
 
-def test_saved_bytes_are_one_input_plus_a_copy_of_each_tiny_gamma_channel():
-    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+def test_saved_bytes_are_one_input_plus_the_fixed_budget_whatever_the_weights():
+    """The copy has a static size, ceil(protect * C) channels: the weights change its contents,
+    never its size (a size set by the weights would need a host-device sync)."""
+    x = torch.randn(4, 32, 6, 6, requires_grad=True)
     input_bytes = x.numel() * x.element_size()
-    per_channel_bytes = input_bytes // 8
-    module = InplaceABN(8)
+    per_channel_bytes = input_bytes // 32
+    module = InplaceABN(32)
     baseline = saved_tensor_bytes(module, x)
-    assert input_bytes <= baseline <= input_bytes + 64 * 8
+    budget_bytes = input_bytes + 2 * per_channel_bytes  # ceil(32 / 16) channels
+    assert budget_bytes <= baseline <= budget_bytes + 64 * 8
     with torch.no_grad():
         module.weight[[1, 5, 6]] = torch.tensor([0.0, 5e-4, -1e-6])
-    with_copies = saved_tensor_bytes(module, x)
-    extra = with_copies - baseline
-    assert 3 * per_channel_bytes <= extra <= 3 * per_channel_bytes + 64 * 8
+    assert saved_tensor_bytes(module, x) == baseline
+    unprotected = saved_tensor_bytes(InplaceABN(32, protect=0.0), x)
+    assert unprotected == baseline - 2 * per_channel_bytes - 2 * 8  # copy and its int64 index
 
 
 def test_saved_bytes_on_six_block_stack_inplace_abn_at_most_055_of_batchnorm_act():
@@ -364,17 +370,30 @@ def test_input_that_autograd_still_needs_raises_at_backward():
 
 @pytest.mark.parametrize("cls", [BatchNormAct, ABN, InplaceABN])
 def test_state_dict_is_batchnorm2d_and_loads_its_checkpoints(cls):
-    batchnorm = nn.BatchNorm2d(5)
+    """A BatchNorm2d checkpoint (every entry unlike the defaults) loads into the norm, which
+    then holds those values and computes BN + activation with them in eval mode; the norm's
+    own checkpoint loads into a fresh BatchNorm2d the same way."""
+    batchnorm = nn.BatchNorm2d(5).double()
     with torch.no_grad():
-        batchnorm.weight.normal_()
+        batchnorm.weight.uniform_(0.5, 1.5)
+        batchnorm.bias.normal_()
+        batchnorm.running_mean.normal_()
         batchnorm.running_var.uniform_(1, 2)
     batchnorm.num_batches_tracked.fill_(7)
-    module = cls(5)
-    assert list(module.state_dict()) == list(batchnorm.state_dict())
-    module.load_state_dict(batchnorm.state_dict())
-    batchnorm.load_state_dict(module.state_dict())
-    for key, value in batchnorm.state_dict().items():
-        torch.testing.assert_close(module.state_dict()[key], value)
+    checkpoint = {key: value.clone() for key, value in batchnorm.state_dict().items()}
+    module = cls(5).double()
+    assert list(module.state_dict()) == list(checkpoint)
+    module.load_state_dict(checkpoint)
+    for key, value in checkpoint.items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    expected = F.leaky_relu(batchnorm.eval()(x), 0.01)
+    torch.testing.assert_close(module.eval()(x.clone()), expected, **EXACT)
+
+    fresh = nn.BatchNorm2d(5).double()
+    fresh.load_state_dict(module.state_dict())
+    for key, value in checkpoint.items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_registry_names_and_classes():

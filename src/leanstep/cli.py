@@ -16,6 +16,7 @@ COMMANDS = {
     "predict": "leanstep.commands.predict",
     "max-batch": "leanstep.commands.max_batch",
     "verify": "leanstep.commands.verify",
+    "plan": "leanstep.commands.plan",
 }
 
 

@@ -56,7 +56,8 @@ class Case:
     (``output.mean()``, the seed table's) or "cross_entropy" (against random class targets).
     ``memory_batch_size`` / ``memory_image_size`` (None: the timing ones) let the memory pass run
     at a larger input than the timing pass, so that activations dominate the peak where timing
-    at that size would be too slow (VGG16 on a CPU); a memory image size is square.
+    at that size would be too slow (VGG16 on a CPU); a memory image size is square. ``plan``: a
+    ``leanstep plan`` (as ``Plan.to_dict``) applied to the model's blocks after it is built.
     """
 
     suite: str
@@ -83,6 +84,7 @@ class Case:
     reference: dict = field(default_factory=dict)
     memory_batch_size: int | None = None
     memory_image_size: int | None = None
+    plan: dict | None = None
     index: int = 0
 
     @property
@@ -166,6 +168,10 @@ def build_model(case: Case) -> nn.Module:
         raise ValueError(
             f"model spec {case.model!r} built a {type(model).__name__}, not a torch.nn.Module"
         )
+    if case.plan is not None:
+        from leanstep.planner import Plan
+
+        Plan.from_dict(case.plan).apply(model)
     return model
 
 

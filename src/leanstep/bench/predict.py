@@ -214,24 +214,10 @@ def _warm_up_optimizer(optimizer: torch.optim.Optimizer) -> None:
         group["foreach"] = path
 
 
-def _batch_norm_update_stats(input, running_mean, running_var, momentum):
-    """Meta kernel of ``aten.batch_norm_update_stats`` (InplaceABN's statistics).
-
-    Without one, fake tensors fall back to running the real CPU kernel on real zero-filled
-    inputs: correct shapes, but full-size allocations and compute at every batch size. This one
-    only describes the outputs: mean and variance per channel, in the running statistics' dtype
-    (the input's without them), as the CPU kernel returns them.
-    """
-    dtype = running_mean.dtype if running_mean is not None else input.dtype
-    channels = input.shape[1]
-    return (
-        input.new_empty((channels,), dtype=dtype),
-        input.new_empty((channels,), dtype=dtype),
-    )
-
-
-# Meta kernels that predictions need where PyTorch has none; registered only while predicting.
-_META_KERNELS = {"batch_norm_update_stats": _batch_norm_update_stats}
+# Meta kernels that predictions need where PyTorch has none, {aten op name: meta function},
+# registered only while predicting (``_torch_internals.temporary_meta_kernels``). None today:
+# InplaceABN's statistics run native_batch_norm, which has one.
+_META_KERNELS: dict = {}
 
 
 def _cpu_side_state_bytes(optimizer: torch.optim.Optimizer, block: int) -> int:

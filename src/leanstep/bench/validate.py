@@ -132,6 +132,12 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
         raise ValueError("precision 'amp_fp16' needs CUDA; use 'amp_bf16' or 'fp32' on CPU")
     if not isinstance(case.options, dict):
         raise ValueError(f"options must be a table of model keywords, got {case.options!r}")
+    if case.plan is not None:
+        from leanstep.planner import Plan
+
+        planned = Plan.from_dict(case.plan)
+        if planned.model is not None and planned.model != case.model:
+            raise ValueError(f"the plan was made for {planned.model!r}, not {case.model!r}")
     spec = parse_spec(case.model)
     if spec.is_callable:
         resolve_callable(spec)

@@ -110,6 +110,21 @@ class Axis:
     suite: bool = False
     nargs: str | None = None
     const: str | None = None
+    show: Callable[[object], str] | None = None
+
+
+def _parse_plan(text: str, label: str) -> dict | None:
+    """A plan file (``leanstep plan --out``) as a Case's plan, or None for "none"."""
+    if text.lower() == "none":
+        return None
+    from leanstep.planner import Plan
+
+    plan = Plan.load(text)
+    return {**plan.to_dict(), "report": {}, "source": text}
+
+
+def _show_plan(value: object) -> str:
+    return "none" if value is None else str(value.get("source") or "plan")
 
 
 AXES = (
@@ -134,6 +149,8 @@ AXES = (
     Axis("--loss", "loss", _text,
          f"one of {', '.join(LOSSES)}: output.mean() (default), or cross entropy against "
          "random class targets", "loss", suite=True),
+    Axis("--plan", "plan", _parse_plan, "a plan file from `leanstep plan --out` (none: plain)",
+         "plan", show=_show_plan),
 )
 
 # Options with one value that apply to every case (ad hoc or suite): (flag, Case field, type).
@@ -255,10 +272,11 @@ def _adhoc(args: argparse.Namespace) -> Suite:
             options: dict = {}
             fields: dict = {}
             label_parts = [model]
-            for (_, label, target, values), value in zip(axes, combination, strict=True):
+            for (axis, label, target, values), value in zip(axes, combination, strict=True):
                 _assign(target, value, options, fields)
                 if len(values) > 1:
-                    label_parts.append(f"{label}={_shown(value)}")
+                    shown = axis.show(value) if axis and axis.show else _shown(value)
+                    label_parts.append(f"{label}={'none' if shown is None else shown}")
             cases.append(Case(
                 suite=suite, group=groups[0], name=" ".join(str(p) for p in label_parts),
                 model=model, options=options, index=len(cases), **{**fields, **overrides},

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .activations import activation_parameter, canonical_activation, get_activation
-from .norm_act import ABN, BatchNormAct, InplaceABN, register_norm
+from .norm_act import ABN, DEFAULT_PROTECT, BatchNormAct, InplaceABN, register_norm
 
 __all__ = ["InplaceABNSync", "SyncBatchNormAct", "convert_sync"]
 
@@ -61,9 +61,11 @@ class InplaceABNSync(InplaceABN):
         affine: bool = True,
         track_running_stats: bool = True,
         group=None,
+        protect: float = DEFAULT_PROTECT,
     ):
         super().__init__(
-            num_features, activation, activation_param, eps, momentum, affine, track_running_stats
+            num_features, activation, activation_param, eps, momentum, affine, track_running_stats,
+            protect,
         )
         self.group = group
 
@@ -132,7 +134,7 @@ def _synchronised(module: nn.Module, group) -> nn.Module | None:
         "group": group,
     }
     if kind is InplaceABN:
-        return InplaceABNSync(module.num_features, **options)
+        return InplaceABNSync(module.num_features, **options, protect=module.protect)
     return SyncBatchNormAct(
         module.num_features, **options, activation_inplace=kind.activation_inplace
     )

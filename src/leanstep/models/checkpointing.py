@@ -2,8 +2,10 @@
 
 ``checkpoint`` is None (store everything), ``"blocks"`` (every block is recomputed in backward)
 or an int N (segments of N consecutive blocks are recomputed together). Either way the state
-dict keeps the plain ``nn.Sequential``'s keys (``layer1.0.conv1.weight``), so pretrained
-checkpoints load whether or not a model is checkpointed.
+dict, ``named_parameters()`` and attribute paths keep the plain ``nn.Sequential``'s names
+(``layer1.0.conv1.weight``, ``model.layer1[0].bn1``): the blocks are recomputed by
+``leanstep.transforms.checkpoint_blocks``, which wraps nothing. ``GradCheckpointing`` gives the
+zoo timm's ``model.set_grad_checkpointing(enable=True)``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from leanstep.layers import Checkpointed, CheckpointedSequential
+from leanstep.transforms import checkpoint_blocks
 
-__all__ = ["CHECKPOINT_FORMS", "check_checkpoint", "segment_size", "stage"]
+__all__ = ["CHECKPOINT_FORMS", "GradCheckpointing", "check_checkpoint", "segment_size", "stage"]
 
 CHECKPOINT_FORMS = "None, 'blocks' or an int >= 1 (blocks per checkpointed segment)"
 
@@ -39,12 +41,21 @@ def segment_size(checkpoint: None | str | int) -> int:
 def stage(blocks: Sequence[nn.Module], checkpoint: None | str | int) -> nn.Sequential:
     """A stage of consecutive blocks, checkpointed as ``checkpoint`` asks.
 
-    "blocks" wraps each block in ``Checkpointed``; an int N runs the stage as a
-    ``CheckpointedSequential`` with segments of N blocks (never crossing into the next stage).
+    "blocks" recomputes each block alone; an int N recomputes segments of N blocks together
+    (never crossing into the next stage). The stage is a plain ``nn.Sequential`` either way.
     """
     size = segment_size(checkpoint)
-    if size == 0:
-        return nn.Sequential(*blocks)
-    if checkpoint == "blocks":
-        return nn.Sequential(*(Checkpointed(block) for block in blocks))
-    return CheckpointedSequential(*blocks, segment=size)
+    sequential = nn.Sequential(*blocks)
+    if size:
+        checkpoint_blocks(sequential, every=size)
+    return sequential
+
+
+class GradCheckpointing:
+    """timm's ``set_grad_checkpointing`` for the zoo: recompute the blocks in backward (or stop).
+
+    ``every`` blocks per recomputed segment (1: each block alone). Names stay as they are.
+    """
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        checkpoint_blocks(self, every=every, enable=enable)

@@ -26,7 +26,9 @@ from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
+from .features import TimmApiMixin
+from .heads import GlobalPool, check_drop_rate, check_head, classifier
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -56,6 +58,12 @@ STAGES = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+# Feature points (timm's "bottleneck" location): the end of each stage followed by a stride-2
+# stage, and the last stage: strides 2, 4, 8, 16, 32.
+FEATURE_STAGES = tuple(
+    i for i in range(len(STAGES)) if i + 1 == len(STAGES) or STAGES[i + 1][3] > 1
+)
+NUM_FEATURES = len(FEATURE_STAGES)
 
 # Variant: (width multiplier, depth multiplier, classifier dropout); the paper's resolutions are
 # 224, 240, 260, 300, 380, 456, 528 and 600.
@@ -147,8 +155,13 @@ class InvertedResidual(nn.Module):
         return self.drop_path(out) + x if self.has_skip else out
 
 
-class EfficientNet(nn.Module):
-    """Stem (3x3 stride-2 conv, norm+act), seven stages of MBConv blocks, 1x1 head, classifier."""
+class EfficientNet(TimmApiMixin, GradCheckpointing, nn.Module):
+    """Stem (3x3 stride-2 conv, norm+act), seven stages of MBConv blocks, 1x1 head, classifier.
+
+    timm's interface: ``forward_features`` (through ``conv_head`` / ``bn2``), ``forward_head``
+    (pool, dropout, ``classifier``), ``reset_classifier``, ``feature_info``,
+    ``set_grad_checkpointing``.
+    """
 
     def __init__(
         self,
@@ -162,9 +175,12 @@ class EfficientNet(nn.Module):
         checkpoint: None | str | int = None,
         drop_path_rate: float = 0.0,
         dropout: float = 0.2,
+        global_pool: str = "avg",
     ):
         super().__init__()
         norm_act = get_norm_act(norm)
+        self.activation = activation
+        self.norm = norm
         stem_channels = round_channels(STEM_CHANNELS, width_multiplier)
         self.conv_stem = nn.Conv2d(in_channels, stem_channels, 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_act(stem_channels, activation=activation)
@@ -173,7 +189,9 @@ class EfficientNet(nn.Module):
         total_blocks, block_index = sum(depths), 0
         channels = stem_channels
         stages = []
-        for spec, depth in zip(STAGES, depths, strict=True):
+        self.feature_info = []
+        reduction = 2
+        for stage_index, (spec, depth) in enumerate(zip(STAGES, depths, strict=True)):
             kind, _, kernel, stride, expand_ratio, width, se_ratio = spec
             out_channels = round_channels(width, width_multiplier)
             blocks = []
@@ -188,16 +206,33 @@ class EfficientNet(nn.Module):
                                                    expand_ratio=expand_ratio, **common))
                 channels = out_channels
                 block_index += 1
+            reduction *= spec[3]
+            if stage_index in FEATURE_STAGES:
+                self.feature_info.append(
+                    dict(num_chs=channels, reduction=reduction, module=f"blocks.{stage_index}")
+                )
             stages.append(stage(blocks, checkpoint))
         self.blocks = nn.Sequential(*stages)
 
         head_channels = round_channels(HEAD_CHANNELS, width_multiplier)
         self.conv_head = nn.Conv2d(channels, head_channels, 1, bias=False)
         self.bn2 = norm_act(head_channels, activation=activation)
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = head_channels
+        self.global_pool = GlobalPool(global_pool)
         self.dropout = nn.Dropout(p=dropout)
-        self.classifier = nn.Linear(head_channels, num_classes)
+        self.classifier = classifier(head_channels, num_classes)
         self._init_weights()
+
+    @property
+    def drop_rate(self) -> float:
+        """Dropout before the classifier (timm's name; ``dropout`` in leanstep's options)."""
+        return self.dropout.p
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        check_drop_rate("drop_rate", value)
+        self.dropout.p = float(value)
 
     def _init_weights(self) -> None:
         """The reference initialisation: convs N(0, 2 / fan_out) with fan_out = k*k*out/groups,
@@ -219,11 +254,46 @@ class EfficientNet(nn.Module):
                 nn.init.uniform_(module.weight, -bound, bound)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Through ``conv_head`` / ``bn2``: (N, num_features, H/32, W/32)."""
+        self._check_not_features_only("forward_features")
         x = self.bn1(self.conv_stem(x))
-        x = self.bn2(self.conv_head(self.blocks(x)))
-        x = torch.flatten(self.global_pool(x), 1)
-        return self.classifier(self.dropout(x))
+        return self.bn2(self.conv_head(self.blocks(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, dropout, then ``classifier`` unless ``pre_logits`` (timm's order)."""
+        self._check_not_features_only("forward_head")
+        x = self.dropout(self.global_pool(x))
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised ``classifier`` for ``num_classes`` (0: none), as timm."""
+        self._check_not_features_only("reset_classifier")
+        pool = self.global_pool.pool_type if global_pool is None else global_pool
+        check_head(num_classes, pool)
+        self.num_classes = num_classes
+        self.global_pool = GlobalPool(pool)
+        self.classifier = classifier(self.num_features, num_classes, like=self.conv_stem.weight)
+
+    def _forward_intermediates(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
+        x = self.bn1(self.conv_stem(x))
+        wanted = {FEATURE_STAGES[i] for i in indices}
+        features = []
+        for stage_index, stage_module in enumerate(self.blocks):
+            x = stage_module(x)
+            if stage_index in wanted:
+                features.append(x)
+        return features
+
+    def _prune_for_features(self, last: int) -> None:
+        kept = FEATURE_STAGES[last] + 1
+        self._pruned_prefixes = tuple(f"blocks.{i}." for i in range(kept, len(self.blocks))) + (
+            "conv_head.", "bn2.", "classifier.")
+        self.blocks = nn.Sequential(*list(self.blocks)[:kept])
+        del self.conv_head, self.bn2, self.global_pool, self.dropout, self.classifier
 
 
 def _efficientnet(name: str, *, dropout: float | None = None, **kwargs) -> EfficientNet:

@@ -17,11 +17,14 @@ In-place safety, which matters with ``norm="inplace_abn"`` (the norm overwrites 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from leanstep.layers import get_activation, get_norm_act
 
-from .checkpointing import stage
+from .checkpointing import GradCheckpointing, stage
+from .features import TimmApiMixin
+from .heads import GlobalPool, check_head, classifier
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -42,6 +45,9 @@ __all__ = [
 
 DEFAULT_ACTIVATION = "relu"
 OPTIONS: dict[str, object] = {}
+# Feature points (timm's): the stem's norm+act output (stride 2), then each stage (4..32).
+NUM_FEATURES = 5
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 class SqueezeExcite(nn.Module):
@@ -122,8 +128,12 @@ class Bottleneck(nn.Module):
         return self.act(self.drop_path(out) + shortcut)
 
 
-class ResNet(nn.Module):
-    """Stem (7x7 conv, norm+act, 3x3 max pool), four stages of blocks, average pool, ``fc``.
+class ResNet(TimmApiMixin, GradCheckpointing, nn.Module):
+    """Stem (7x7 conv, norm+act, 3x3 max pool), four stages of blocks, global pool, ``fc``.
+
+    timm's interface: ``forward_features`` (the last stage's map), ``forward_head`` (pool,
+    dropout ``drop_rate``, ``fc``), ``reset_classifier``, ``feature_info``,
+    ``set_grad_checkpointing``.
 
     Drop path grows linearly with the block index, from 0 at the first block to
     ``drop_path_rate`` at the last (as timm). Last-norm weights start at 1, not 0: an InplaceABN
@@ -141,12 +151,16 @@ class ResNet(nn.Module):
         activation: str = DEFAULT_ACTIVATION,
         checkpoint: None | str | int = None,
         drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
         groups: int = 1,
         base_width: int = 64,
         squeeze_excite: bool = False,
     ):
         super().__init__()
         norm_act = get_norm_act(norm)
+        self.activation = activation
+        self.norm = norm
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_act(64, activation=activation)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -175,8 +189,15 @@ class ResNet(nn.Module):
                 block_index += 1
             self.add_module(f"layer{stage_index + 1}", stage(blocks, checkpoint))
 
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(channels, num_classes)
+        self.feature_info = [dict(num_chs=64, reduction=2, module="bn1")] + [
+            dict(num_chs=width * block.expansion, reduction=4 * 2**i, module=name)
+            for i, (width, name) in enumerate(zip(stage_widths, STAGES, strict=True))
+        ]
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = channels
+        self.drop_rate = drop_rate
+        self.avgpool = GlobalPool(global_pool)
+        self.fc = classifier(channels, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -190,10 +211,47 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map, (N, num_features, H/32, W/32)."""
+        self._check_not_features_only("forward_features")
         x = self.maxpool(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, dropout (``drop_rate``), then ``fc`` unless ``pre_logits``."""
+        self._check_not_features_only("forward_head")
+        x = self.avgpool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised ``fc`` for ``num_classes`` (0: none), as timm."""
+        self._check_not_features_only("reset_classifier")
+        pool = self.avgpool.pool_type if global_pool is None else global_pool
+        check_head(num_classes, pool)
+        self.num_classes = num_classes
+        self.avgpool = GlobalPool(pool)
+        self.fc = classifier(self.num_features, num_classes, like=self.conv1.weight)
+
+    def _forward_intermediates(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
+        x = self.bn1(self.conv1(x))
+        features = [x] if 0 in indices else []
+        x = self.maxpool(x)
+        for index, name in enumerate(STAGES[: max(indices)], start=1):
+            x = getattr(self, name)(x)
+            if index in indices:
+                features.append(x)
+        return features
+
+    def _prune_for_features(self, last: int) -> None:
+        self._pruned_prefixes = tuple(f"{name}." for name in STAGES[last:]) + ("fc.",)
+        for name in STAGES[last:]:
+            delattr(self, name)
+        del self.avgpool, self.fc
 
 
 def resnet18(**kwargs) -> ResNet:

@@ -1,0 +1,325 @@
+"""Recompute regions: run a block (or a run of a Sequential's children) so that backward
+rebuilds what it needs, without renaming anything.
+
+A region is installed by giving the module an instance-level ``forward`` (the class's is kept
+and called inside), so ``named_parameters()``, ``state_dict()`` keys, attribute paths and hooks
+are those of the plain model. Two modes:
+
+- ``"checkpoint"``: non-reentrant ``torch.utils.checkpoint``: only the region's inputs are kept;
+  backward runs the whole region again.
+- ``"lean"``: the same, plus a dispatch mode that keeps the outputs of the expensive ops
+  (convolutions, matrix products; ``KEEP_OPS``) during the forward pass and hands them back
+  during the recompute, so backward recomputes only the cheap ops (normalisation, activations,
+  element-wise, pooling, gating). Unlike torch's selective checkpointing it accepts in-place
+  ops: a kept output that is overwritten afterwards (a conv followed by an in-place ReLU or an
+  InplaceABN, an output mutated outside the region) is not handed back stale but recomputed.
+
+Both keep BatchNorm running statistics (and any buffer the forward updates) updated once per
+step: the buffers the first forward changes are restored after every recompute. The region's
+inputs are copied for the first run, so a region that writes over its input (InplaceABN, an
+in-place activation) cannot corrupt what the recompute starts from. In eval mode or under
+``no_grad`` a region is the plain forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+__all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
+           "run_region"]
+
+_aten = torch.ops.aten
+# Ops whose outputs a lean region keeps: everything else is recomputed in backward.
+KEEP_OPS = {
+    op
+    for name in ("convolution", "_convolution", "mm", "addmm", "bmm", "baddbmm",
+                 "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention")
+    if hasattr(_aten, name)
+    for op in (getattr(_aten, name).default,)
+}
+try:  # the ops that checkpointing runs a different number of times in forward and recompute
+    from torch.utils.checkpoint import SAC_IGNORED_OPS as _IGNORED
+except ImportError:  # pragma: no cover - older torch
+    _IGNORED = {_aten.detach.default}
+
+
+def _detach(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached alias that shares the version counter (so later writes are seen)."""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+        return tensor.detach()
+
+
+class _Store:
+    """What one region's forward kept, for its recompute."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.counts: dict = {}
+        self.sequence: list = []
+        self.entries: dict = {}
+        self.kept = 0
+        self.overwritten = 0
+        self.paused = False
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Ops run inside are leanstep's own bookkeeping, not the region's."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+
+class _KeepMode(TorchDispatchMode):
+    """Forward pass: keep the outputs of ``KEEP_OPS``; count every op for the recompute."""
+
+    def __init__(self, store: _Store):
+        super().__init__()
+        self.store = store
+        self.counter: dict = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _IGNORED or self.store.paused:
+            return out
+        index = self.counter[func]
+        self.counter[func] += 1
+        self.store.sequence.append(func)
+        if func in KEEP_OPS and isinstance(out, torch.Tensor):
+            self.store.entries[(func, index)] = (_detach(out), out._version)
+        return out
+
+    def __exit__(self, *exc):
+        self.store.counts = dict(self.counter)
+        # A kept output overwritten later in the region (conv -> in-place ReLU / InplaceABN) is
+        # recomputed instead: holding it would keep memory for a value that no longer exists.
+        for key, (tensor, version) in list(self.store.entries.items()):
+            if tensor._version != version:
+                del self.store.entries[key]
+                self.store.overwritten += 1
+        self.store.kept = len(self.store.entries)
+        return super().__exit__(*exc)
+
+
+class _ReplayMode(TorchDispatchMode):
+    """Recompute: hand back the kept outputs, run everything else."""
+
+    def __init__(self, store: _Store):
+        super().__init__()
+        self.store = store
+        self.counter: dict = defaultdict(int)
+        self.position = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _IGNORED or self.store.paused:
+            return func(*args, **kwargs)
+        index = self.counter[func]
+        self.counter[func] += 1
+        sequence, position = self.store.sequence, self.position
+        self.position += 1
+        if position >= len(sequence) or sequence[position] is not func:
+            expected = sequence[position] if position < len(sequence) else "nothing more"
+            raise RuntimeError(
+                f"leanstep.lean: block {self.store.name!r} ran {func} where its forward pass "
+                f"ran {expected} (op {position}): its forward depends on data or global state, "
+                f"which lean cannot replay; use checkpoint_blocks or leave it plain"
+            )
+        entry = self.store.entries.pop((func, index), None)
+        if entry is not None and entry[0]._version == entry[1]:
+            return entry[0]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _restored(buffers: list[torch.Tensor], store: _Store):
+    with store.pause():
+        saved = [(b, b.clone()) for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad(), store.pause():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _copies(values: tuple) -> tuple:
+    return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _versions(tensors) -> list[int]:
+    return [t._version for t in tensors]
+
+
+def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name: str,
+               lean: bool):
+    """``fn(*args, **kwargs)`` as a recompute region over ``modules`` (see module docstring)."""
+    if not (torch.is_grad_enabled() and any(m.training for m in modules)):
+        return fn(*args, **kwargs)
+    buffers = [b for m in modules for b in m.buffers()]
+    norm_buffers = {id(b) for m in modules for n in m.modules() if isinstance(n, _BatchNorm)
+                    for b in n.buffers(recurse=False)}
+    calls = 0
+    writes_inputs = False
+    stateful: list[torch.Tensor] = []
+    store = _Store(name)
+
+    def run(*inputs, **kw):
+        nonlocal calls, writes_inputs, stateful
+        calls += 1
+        if calls == 1:
+            with store.pause():
+                copies = _copies(inputs)
+            tensors = [t for t in copies if isinstance(t, torch.Tensor)]
+            before, buffers_before = _versions(tensors), _versions(buffers)
+            output = fn(*copies, **kw)
+            writes_inputs = before != _versions(tensors)
+            # BatchNorm's kernels update their statistics without a version bump.
+            stateful = [b for b, v in zip(buffers, buffers_before, strict=True)
+                        if b._version != v or id(b) in norm_buffers]
+            return output
+        if writes_inputs:
+            with store.pause():
+                inputs = _copies(inputs)
+        with _restored(stateful, store):
+            return fn(*inputs, **kw)
+
+    context_fn = (lambda: (_KeepMode(store), _ReplayMode(store))) if lean else noop_context_fn
+    return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+@dataclass
+class RegionState:
+    """What ``install_region`` attached to a module (``module.__dict__['_leanstep']``)."""
+
+    mode: str | None = None  # "lean" / "checkpoint" for the module itself, None: plain
+    name: str = ""
+    own_forward: object = None  # an instance-level forward that was there before, if any
+    # For an nn.Sequential parent: start index -> (stop index, mode, name) of child runs.
+    segments: dict = field(default_factory=dict)
+
+
+_ATTR = "_leanstep"
+
+
+def region_state(module: nn.Module) -> RegionState | None:
+    return module.__dict__.get(_ATTR)
+
+
+def _plain_forward(module: nn.Module, state: RegionState):
+    if state.own_forward is not None:
+        return state.own_forward
+    return types.MethodType(type(module).forward, module)
+
+
+def _region_forward(self, *args, **kwargs):
+    state = self.__dict__[_ATTR]
+    plain = _plain_forward(self, state)
+    if state.segments:
+        plain = types.MethodType(_segmented, self)
+    if state.mode is None:
+        return plain(*args, **kwargs)
+    return run_region(plain, [self], args, kwargs, name=state.name, lean=state.mode == "lean")
+
+
+def _segmented(self, x):
+    """``nn.Sequential.forward`` with runs of children as recompute regions."""
+    state = self.__dict__[_ATTR]
+    children = list(self)
+    index = 0
+    while index < len(children):
+        segment = state.segments.get(index)
+        if segment is None:
+            x = children[index](x)
+            index += 1
+            continue
+        stop, mode, name = segment
+        part = children[index:stop]
+
+        def run(value, part=part):
+            for child in part:
+                value = child(value)
+            return value
+
+        x = run_region(run, part, (x,), {}, name=name, lean=mode == "lean")
+        index = stop
+    return x
+
+
+def _attach(module: nn.Module) -> RegionState:
+    state = region_state(module)
+    if state is None:
+        state = RegionState(own_forward=module.__dict__.get("forward"))
+        module.__dict__[_ATTR] = state
+        module.forward = types.MethodType(_region_forward, module)
+    return state
+
+
+def _detach_if_plain(module: nn.Module) -> None:
+    state = region_state(module)
+    if state is not None and state.mode is None and not state.segments:
+        del module.__dict__[_ATTR]
+        if state.own_forward is not None:
+            module.forward = state.own_forward
+        else:
+            del module.__dict__["forward"]
+
+
+def install_region(module: nn.Module, mode: str | None, *, name: str = "",
+                   segment: tuple[int, int] | None = None) -> None:
+    """Make ``module`` (or children ``segment`` = (start, stop) of an nn.Sequential) a region
+    of ``mode`` ("lean", "checkpoint"; None removes it)."""
+    if segment is None:
+        if mode is None and region_state(module) is None:
+            return
+        state = _attach(module)
+        state.mode, state.name = mode, name
+        _detach_if_plain(module)
+        return
+    if not (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward):
+        raise ValueError(f"{name!r}: runs of children need a plain nn.Sequential parent, got "
+                         f"{type(module).__name__}")
+    start, stop = segment
+    if mode is None and region_state(module) is None:
+        return
+    state = _attach(module)
+    for other in list(state.segments):
+        other_stop, other_mode, other_name = state.segments[other]
+        if not (other < stop and start < other_stop):
+            continue
+        if other_mode == "lean" and other < start < other_stop <= start + 1:
+            # a lean run reaching one layer (the next unit's conv) into the new one: shorten it
+            state.segments[other] = (start, other_mode, other_name)
+        else:  # overlapping runs: the new one replaces them
+            del state.segments[other]
+    if mode is not None:
+        state.segments[start] = (stop, mode, name)
+    _detach_if_plain(module)
+
+
+def clear_region(module: nn.Module, modes: tuple[str, ...]) -> int:
+    """Remove regions of ``modes`` from ``module`` (itself and its segments); returns how many."""
+    state = region_state(module)
+    if state is None:
+        return 0
+    removed = 0
+    if state.mode in modes:
+        state.mode = None
+        removed += 1
+    for start in [s for s, (_, mode, _) in state.segments.items() if mode in modes]:
+        del state.segments[start]
+        removed += 1
+    _detach_if_plain(module)
+    return removed
