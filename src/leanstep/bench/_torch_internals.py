@@ -21,12 +21,16 @@ import torch
 __all__ = [
     "TESTED_TORCH",
     "TorchInternalsError",
+    "data_dependent_errors",
     "data_dependent_op",
     "dispatch_mode_class",
+    "exclude_dispatch_key",
     "fake_tensor_mode",
     "has_meta_kernel",
     "mem_tracker",
+    "mem_tracker_class",
     "peak_tracker",
+    "sized_update_types",
     "temporary_meta_kernels",
 ]
 
@@ -65,6 +69,23 @@ def mem_tracker():
     return _attribute("torch.distributed._tools.mem_tracker", "MemTracker")()
 
 
+def mem_tracker_class() -> type:
+    """``MemTracker``, checked for the two private methods that subclasses here override:
+    ``_update_snap`` (where a storage's size enters the totals) and ``_update_peak_stats``."""
+    tracker_class = _attribute("torch.distributed._tools.mem_tracker", "MemTracker")
+    _require_methods(tracker_class, "_update_snap", "_update_peak_stats")
+    return tracker_class
+
+
+def sized_update_types() -> tuple:
+    """The ``_UpdateType`` members with which ``_update_snap`` adds or resizes a storage."""
+    update_type = _attribute("torch.distributed._tools.mem_tracker", "_UpdateType")
+    sized = tuple(getattr(update_type, name, None) for name in ("ADD", "SIZE"))
+    if None in sized:
+        raise _missing("mem_tracker._UpdateType.ADD / SIZE")
+    return sized
+
+
 def peak_tracker(block: int):
     """A ``MemTracker`` that keeps the step's peak only, counting each storage as an allocator
     that hands out ``block``-byte units would.
@@ -74,12 +95,8 @@ def peak_tracker(block: int):
     Overrides two private methods: ``_update_snap`` (where a storage's size enters the totals)
     and ``_update_peak_stats``.
     """
-    tracker_class = _attribute("torch.distributed._tools.mem_tracker", "MemTracker")
-    update_type = _attribute("torch.distributed._tools.mem_tracker", "_UpdateType")
-    _require_methods(tracker_class, "_update_snap", "_update_peak_stats")
-    sized = tuple(getattr(update_type, name, None) for name in ("ADD", "SIZE"))
-    if None in sized:
-        raise _missing("mem_tracker._UpdateType.ADD / SIZE")
+    tracker_class = mem_tracker_class()
+    sized = sized_update_types()
 
     class PeakTracker(tracker_class):
         def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None):
@@ -108,20 +125,35 @@ def dispatch_mode_class() -> type:
     return _attribute("torch.utils._python_dispatch", "TorchDispatchMode")
 
 
-def data_dependent_op(error: BaseException) -> str | None:
-    """The aten operation that ``error`` says needs tensor values (``.item()``, ``nonzero``,
-    Python control flow on a tensor) under fake tensors; None for any other error."""
+def data_dependent_errors() -> tuple[type, ...]:
+    """The exceptions fake tensors raise for an operation that needs tensor values."""
     module = "torch._subclasses.fake_tensor"
-    kinds = tuple(
+    return tuple(
         cls for cls in (
             _optional_attribute(module, "DataDependentOutputException"),
             _optional_attribute(module, "DynamicOutputShapeException"),
         ) if cls is not None
     )
+
+
+def data_dependent_op(error: BaseException) -> str | None:
+    """The aten operation that ``error`` says needs tensor values (``.item()``, ``nonzero``,
+    Python control flow on a tensor) under fake tensors; None for any other error."""
+    kinds = data_dependent_errors()
     if not kinds or not isinstance(error, kinds):
         return None
     func = getattr(error, "func", None)
     return str(func) if func is not None else type(error).__name__
+
+
+def exclude_dispatch_key(key: str):
+    """A context in which the dispatcher skips the dispatch key ``key`` (e.g.
+    "ADInplaceOrView", so that a detached alias shares its version counter)."""
+    guard = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+    dispatch_key = getattr(getattr(torch._C, "DispatchKey", None), key, None)
+    if guard is None or dispatch_key is None:
+        raise _missing(f"torch._C._SetExcludeDispatchKeyGuard / DispatchKey.{key}")
+    return guard(dispatch_key, False)
 
 
 def _optional_attribute(module_name: str, name: str):

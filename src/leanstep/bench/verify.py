@@ -283,12 +283,14 @@ def verify_models(
     """Run one step of each (label, model) as its ``settings`` say (default: float64 training
     steps) and compare it with the float64 step of the first model.
 
-    Every model is given the first model's state dict (ValueError if a variant's keys or shapes
-    differ). ``tolerance`` (None: ``TOLERANCES`` of each variant's precision) bounds every
-    relative difference. Returns ``variants``: per label (all but the first when its settings
-    are the reference's: it is the reference), its ``precision``, ``tolerance``, the loss and
-    output differences, the worst gradient, buffer and parameter after the step (name, abs,
-    rel) and ``passed``; ``passed`` overall; ``reference`` (the first label).
+    Every model is converted to float64 and given the first model's state dict (ValueError if a
+    variant's keys or shapes differ); the steps run on copies, so that the optimizer step and
+    the running statistics leave the models given as they were. ``tolerance`` (None:
+    ``TOLERANCES`` of each variant's precision) bounds every relative difference. Returns
+    ``variants``: per label (all but the first when its settings are the reference's: it is the
+    reference), its ``precision``, ``tolerance``, the loss and output differences, the worst
+    gradient, buffer and parameter after the step (name, abs, rel) and ``passed``; ``passed``
+    overall; ``reference`` (the first label).
     """
     settings = list(settings) if settings is not None else [StepSettings()] * len(models)
     if len(settings) != len(models):
@@ -336,9 +338,8 @@ def verify_models(
             continue
         expected = reference_of(variant)
         metric = METRICS[variant.precision]
-        comparison = _compare(
-            expected, _run_step(model, batch, targets, seed, variant), metric
-        )
+        outcome = _run_step(copy.deepcopy(model), batch, targets, seed, variant)
+        comparison = _compare(expected, outcome, metric)
         bound = tolerance if tolerance is not None else TOLERANCES[variant.precision]
         comparison.update(precision=variant.precision, tolerance=bound, metric=metric)
         comparison["passed"] = all(
