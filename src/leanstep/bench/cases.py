@@ -51,10 +51,13 @@ IDENTITY_FIELDS = ("suite", "group", "name", "index", "reference")
 class Case:
     """One benchmark case. ``warmup`` None: 5 on CPU, 2 on CUDA; ``threads`` None: all cores.
 
+    ``image_size`` is the image's height, ``image_width`` its width (None: square).
+    ``optimizer`` names one of ``leanstep.bench.optimizers.OPTIMIZERS``; ``loss`` is "mean"
+    (``output.mean()``, the seed table's) or "cross_entropy" (against random class targets).
     ``memory_batch_size`` / ``memory_image_size`` (None: the timing ones) let the memory pass run
     at a larger input than the timing pass, so that activations dominate the peak where timing
-    at that size would be too slow (VGG16 on a CPU). ``plan``: a ``leanstep plan`` (as
-    ``Plan.to_dict``) applied to the model's blocks after it is built.
+    at that size would be too slow (VGG16 on a CPU); a memory image size is square. ``plan``: a
+    ``leanstep plan`` (as ``Plan.to_dict``) applied to the model's blocks after it is built.
     """
 
     suite: str
@@ -64,6 +67,7 @@ class Case:
     options: dict = field(default_factory=dict)
     batch_size: int = 32
     image_size: int = 224
+    image_width: int | None = None
     in_channels: int = 3
     num_classes: int = 1000
     device: str = "cpu"
@@ -71,6 +75,8 @@ class Case:
     channels_last: bool = False
     compile: bool = False
     mode: str = "train"
+    optimizer: str = "sgd"
+    loss: str = "mean"
     runs: int = 10
     iters: int = 10
     warmup: int | None = None
@@ -90,6 +96,17 @@ class Case:
     def device_type(self) -> str:
         return str(self.device).split(":", 1)[0]
 
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the timing pass's images."""
+        return (self.image_size, self.image_width or self.image_size)
+
+    @property
+    def size_label(self) -> str:
+        """The image size as ``--size`` takes it: "224" or "512x1024"."""
+        height, width = self.image_hw
+        return str(height) if height == width else f"{height}x{width}"
+
     def with_defaults(self) -> Case:
         """A copy with ``warmup``, ``threads`` and the memory pass's input resolved."""
         warmup = self.warmup
@@ -104,10 +121,11 @@ class Case:
 
     def memory_case(self) -> Case:
         """The case as the memory pass runs it (its memory batch and image size)."""
+        if self.memory_image_size in (None, self.image_size):
+            return dataclasses.replace(self, batch_size=self.memory_batch_size or self.batch_size)
         return dataclasses.replace(
-            self,
-            batch_size=self.memory_batch_size or self.batch_size,
-            image_size=self.memory_image_size or self.image_size,
+            self, batch_size=self.memory_batch_size or self.batch_size,
+            image_size=self.memory_image_size, image_width=None,
         )
 
     def settings(self) -> dict:
@@ -139,10 +157,17 @@ def build_model(case: Case) -> nn.Module:
     The one place a case's model is made (worker, DDP ranks, predict, verify, validation on the
     meta device): model transforms that apply to any spec belong right after the build here.
     """
-    model = build_from_spec(
-        case.model, num_classes=case.num_classes, in_channels=case.in_channels,
-        options=case.options,
-    )
+    try:
+        model = build_from_spec(
+            case.model, num_classes=case.num_classes, in_channels=case.in_channels,
+            options=case.options,
+        )
+    except TypeError as error:  # a keyword the builder does not take
+        raise ValueError(f"cannot build model {case.model!r}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model spec {case.model!r} built a {type(model).__name__}, not a torch.nn.Module"
+        )
     if case.plan is not None:
         from leanstep.planner import Plan
 
@@ -157,11 +182,14 @@ def make_step(case: Case, model: nn.Module | None = None) -> TrainStep:
     return TrainStep(
         model,
         batch_size=case.batch_size,
-        image_size=case.image_size,
+        image_size=case.image_hw,
         in_channels=case.in_channels,
         device=case.device,
         precision=case.precision,
         channels_last=case.channels_last,
         mode=case.mode,
         compile=case.compile,
+        optimizer=case.optimizer,
+        loss=case.loss,
+        num_classes=case.num_classes,
     )

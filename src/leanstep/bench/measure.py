@@ -79,8 +79,8 @@ def compile_counts() -> dict:
 def memory_pass(step: TrainStep, case: Case) -> dict:
     """Peak memory of one step after warm-up, at the case's memory batch and image size."""
     memory_case = case.memory_case()
-    if (memory_case.batch_size, memory_case.image_size) != (case.batch_size, case.image_size):
-        step.set_input(memory_case.batch_size, memory_case.image_size)
+    if (memory_case.batch_size, memory_case.image_hw) != (case.batch_size, case.image_hw):
+        step.set_input(memory_case.batch_size, memory_case.image_hw)
         if step.device.type == "cuda":
             warm_up(step, 1)
     peak = measured_peak(step, *step.tracked_objects(), device=step.device)

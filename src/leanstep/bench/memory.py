@@ -59,9 +59,9 @@ def saved_tensor_bytes(fn: Callable, *args, **kwargs) -> int:
 
 
 def _tracked_peak(step_fn: Callable[[], object], tracked: tuple, device: torch.device) -> dict:
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from ._torch_internals import mem_tracker
 
-    tracker = MemTracker()
+    tracker = mem_tracker()
     tracker.track_external(*tracked)
     with tracker, warnings.catch_warnings():
         # MemTracker's module hooks warn for modules it only sees in a checkpoint's recompute.

@@ -13,7 +13,9 @@ any batch size; over the model zoo it equals the measured CPU peak
 What the figure is: a lower bound of ``torch.cuda.max_memory_allocated``, which also counts
 cuDNN and cuBLAS workspaces and whatever kernels allocate inside themselves.
 
-Not predicted: ``torch.compile`` (its generated kernels allocate differently; ValueError).
+Not predicted: a model whose forward reads tensor values (``.item()``, ``if x.mean() > 0``,
+``nonzero``): fake tensors have none (``UnpredictableModelError``, which suggests ``bench``).
+``torch.compile`` (its generated kernels allocate differently; ValueError).
 ``amp_fp16`` is predicted CUDA-like only, as bfloat16 autocast (same element size) with the
 CPU's autocast op lists.
 
@@ -22,7 +24,12 @@ CPU's autocast op lists.
 - every storage is counted as the CUDA caching allocator hands it out, rounded up to a
   multiple of 512 bytes (``CUDA_BLOCK_BYTES``), as ``max_memory_allocated`` counts it;
 - the optimizer takes its multi-tensor (``foreach``) path, which PyTorch picks by default for
-  CUDA tensors; it holds a second copy of every gradient while it applies weight decay.
+  CUDA tensors; it holds a second copy of every gradient while it applies weight decay (SGD),
+  or of its state while it combines them (Adam, RMSprop);
+- Adam's and AdamW's step counters, which PyTorch keeps on the CPU for CUDA parameters, are
+  not counted.
+
+Every private PyTorch API this needs is reached through ``leanstep.bench._torch_internals``.
 
 Fake CUDA tensors are never created: on a CPU-only build they abort the process.
 """
@@ -37,17 +44,18 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _torch_internals as internals
 from .memory import CATEGORIES, MIB
-from .step import TrainStep
+from .step import TrainStep, image_hw
 
 __all__ = [
     "CUDA_BLOCK_BYTES",
     "DEVICE_LIKES",
     "PEAK_LABEL",
     "TOP_MODULES",
+    "UnpredictableModelError",
     "predict_case",
     "predict_peak",
 ]
@@ -59,38 +67,15 @@ _TOTAL = "Total"  # MemTracker's key for the sum of all categories
 PEAK_LABEL = "tensor-level peak: a lower bound of torch.cuda.max_memory_allocated"
 
 
+class UnpredictableModelError(ValueError):
+    """The model's forward pass depends on tensor values, which a prediction does not have."""
+
+
 def _round_up(nbytes: int, block: int) -> int:
     return math.ceil(nbytes / block) * block
 
 
-def _peak_tracker(block: int):
-    """A ``MemTracker`` that keeps the step's peak only, counting each storage as an allocator
-    that hands out ``block``-byte units would.
-
-    ``MemTracker`` also keeps a peak per module, updated at every operation for every module
-    seen so far; that costs more than the rest of the prediction and is not needed here (the
-    modules' activation memory comes from ``_ActivationOwners``).
-    """
-    from torch.distributed._tools.mem_tracker import MemTracker, _UpdateType
-
-    class PeakTracker(MemTracker):
-        def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None):
-            # A storage's size enters the tracker's totals only here (when it is added or
-            # resized); rounding it at that moment makes every later figure the rounded one.
-            if u_type in (_UpdateType.ADD, _UpdateType.SIZE):
-                winfo.mem_consumed = _round_up(winfo.mem_consumed, block)
-            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
-
-        def _update_peak_stats(self, peak_state) -> None:
-            for device, current in self._curr_mem_snap.items():
-                if self._peak_mem.get(device, 0) < current[_TOTAL]:
-                    self._peak_mem[device] = current[_TOTAL]
-                    self._peak_mem_snap[device] = dict(current)
-
-    return PeakTracker()
-
-
-class _ActivationOwners(TorchDispatchMode):
+class _ActivationOwners(internals.dispatch_mode_class()):
     """Attributes every storage created during a forward pass to the innermost named module
     whose forward was running, so that the activation memory still alive at the end of the
     forward pass can be summed per module."""
@@ -196,10 +181,9 @@ def _materialise_fake(model: nn.Module, memory_format: torch.memory_format) -> N
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", memory_format=layout)
 
     model._apply(fake_cpu)
-    # TrainStep moves its model with Module.to, which would swap every fake parameter for a
-    # copy, and torch refuses to swap a tensor that the fake mode's memo references. The model
-    # is already on the fake CPU in its memory format, so for it the move is the identity.
-    model.to = lambda *args, **kwargs: model
+    # TrainStep leaves a model that is already on its device, in its memory format, as it is
+    # (Module.to would swap every fake parameter for a copy, which torch refuses for a tensor
+    # that the fake mode's memo references).
 
 
 def _use_foreach(optimizer: torch.optim.Optimizer) -> None:
@@ -230,6 +214,38 @@ def _warm_up_optimizer(optimizer: torch.optim.Optimizer) -> None:
         group["foreach"] = path
 
 
+# Meta kernels that predictions need where PyTorch has none, {aten op name: meta function},
+# registered only while predicting (``_torch_internals.temporary_meta_kernels``). None today:
+# InplaceABN's statistics run native_batch_norm, which has one.
+_META_KERNELS: dict = {}
+
+
+def _cpu_side_state_bytes(optimizer: torch.optim.Optimizer, block: int) -> int:
+    """Bytes of the optimizer state that PyTorch keeps on the CPU for CUDA parameters: Adam's
+    and AdamW's scalar step counters (unless ``capturable`` or ``fused``)."""
+    total = 0
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for parameter in group["params"]:
+            step = optimizer.state.get(parameter, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.dim() == 0:
+                total += _round_up(step.untyped_storage().nbytes(), block)
+    return total
+
+
+def _unpredictable(error: BaseException, model_fn: Callable) -> UnpredictableModelError | None:
+    op = internals.data_dependent_op(error)
+    if op is None:
+        return None
+    name = getattr(model_fn, "spec", None) or "the model"
+    return UnpredictableModelError(
+        f"{name} cannot be predicted: its forward reads tensor values ({op}: .item(), "
+        f"`if tensor ...`, nonzero or similar), which fake tensors do not have; measure it "
+        f"with `leanstep bench` instead"
+    )
+
+
 def _check_options(device_like: str, compile: bool) -> None:
     if device_like not in DEVICE_LIKES:
         raise ValueError(f"unknown device_like {device_like!r}; valid: {', '.join(DEVICE_LIKES)}")
@@ -255,55 +271,47 @@ def predict_peak(
     model_fn: Callable[[], nn.Module],
     *,
     batch_size: int,
-    image_size: int,
+    image_size: int | tuple[int, int],
     in_channels: int = 3,
     precision: str = "fp32",
     channels_last: bool = False,
     mode: str = "train",
     device_like: str = "cpu",
     compile: bool = False,
+    optimizer: str = "sgd",
+    loss: str = "mean",
+    num_classes: int | None = None,
     top: int = TOP_MODULES,
 ) -> dict:
     """Predict the peak memory of one training step of ``model_fn()`` after a warm-up step.
 
     ``model_fn`` builds the model; it is called on the meta device, so it allocates nothing.
-    Returns ``predicted_mib`` (the tensor-level peak, see ``PEAK_LABEL``), ``memory`` (MiB per
-    category at the peak: parameters, buffers, gradients, optimizer_state, activations,
-    temporaries, input), ``top_modules`` (the ``top`` modules holding the most activation memory
-    at the end of the forward pass) and ``seconds`` (time the prediction took).
+    ``image_size`` is one side or (height, width); ``optimizer``, ``loss`` and ``num_classes``
+    are ``TrainStep``'s. Returns ``predicted_mib`` (the tensor-level peak, see ``PEAK_LABEL``),
+    ``memory`` (MiB per category at the peak: parameters, buffers, gradients, optimizer_state,
+    activations, temporaries, input), ``top_modules`` (the ``top`` modules holding the most
+    activation memory at the end of the forward pass) and ``seconds`` (time it took).
+    ``UnpredictableModelError`` (a ValueError) for a model whose forward reads tensor values.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     _check_options(device_like, compile)
     started = time.perf_counter()
-    block = CUDA_BLOCK_BYTES if device_like == "cuda" else 1
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device("meta"):
         model = model_fn()
-    with FakeTensorMode():
-        _materialise_fake(model, memory_format)
-        step = TrainStep(
-            model, batch_size=batch_size, image_size=image_size, in_channels=in_channels,
-            device="cpu", precision=_autocast_precision(precision, device_like),
-            channels_last=channels_last, mode=mode,
-        )
-        if step.optimizer is not None and device_like == "cuda":
-            _use_foreach(step.optimizer)
-        if step.optimizer is not None:
-            _warm_up_optimizer(step.optimizer)
-        tracker = _peak_tracker(block)
-        tracker.track_external(*step.tracked_objects())
-        owners = _ActivationOwners(model, block)
-        with tracker, warnings.catch_warnings():
-            # MemTracker's per-module snapshots (unused here) skip the modules that a
-            # checkpointed segment creates for one call and then drops, with a warning each.
-            warnings.filterwarnings("ignore", "Module is None", UserWarning)
-            with owners.recording(step.tracked_objects()):
-                output = step.forward()
-            top_modules = owners.top(top)
-            step.backward(output)
-            del output
-        snapshot = tracker.get_tracker_snapshot("peak").get(torch.device("cpu"), {})
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the model builder returned a {type(model).__name__}, not an nn.Module")
+    try:
+        with internals.temporary_meta_kernels(_META_KERNELS):
+            snapshot, top_modules = _predict(
+                model, batch_size=batch_size, image_hw=image_hw(image_size),
+                in_channels=in_channels, precision=precision, channels_last=channels_last,
+                mode=mode, device_like=device_like, optimizer=optimizer, loss=loss,
+                num_classes=num_classes, top=top,
+            )
+    except RuntimeError as error:
+        unpredictable = _unpredictable(error, model_fn)
+        if unpredictable is None:
+            raise
+        raise unpredictable from None
     memory = {name: 0.0 for name in CATEGORIES.values()}
     for key, nbytes in snapshot.items():
         name = CATEGORIES.get(getattr(key, "value", key))
@@ -318,6 +326,47 @@ def predict_peak(
     }
 
 
+def _predict(
+    model: nn.Module, *, batch_size: int, image_hw: tuple[int, int], in_channels: int,
+    precision: str, channels_last: bool, mode: str, device_like: str, optimizer: str, loss: str,
+    num_classes: int | None, top: int,
+) -> tuple[dict, list[dict]]:
+    """The peak snapshot ({category: bytes, "Total": bytes}) and the top modules."""
+    block = CUDA_BLOCK_BYTES if device_like == "cuda" else 1
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    with internals.fake_tensor_mode():
+        _materialise_fake(model, memory_format)
+        step = TrainStep(
+            model, batch_size=batch_size, image_size=image_hw, in_channels=in_channels,
+            device="cpu", precision=_autocast_precision(precision, device_like),
+            channels_last=channels_last, mode=mode, optimizer=optimizer, loss=loss,
+            num_classes=num_classes,
+        )
+        if step.optimizer is not None and device_like == "cuda":
+            _use_foreach(step.optimizer)
+        if step.optimizer is not None:
+            _warm_up_optimizer(step.optimizer)
+        tracker = internals.peak_tracker(block)
+        tracker.track_external(*step.tracked_objects())
+        owners = _ActivationOwners(model, block)
+        with tracker, warnings.catch_warnings():
+            # MemTracker's per-module snapshots (unused here) skip the modules that a
+            # checkpointed segment creates for one call and then drops, with a warning each.
+            warnings.filterwarnings("ignore", "Module is None", UserWarning)
+            with owners.recording(step.tracked_objects()):
+                output = step.forward()
+            top_modules = owners.top(top)
+            step.backward(output)
+            del output
+        snapshot = dict(tracker.get_tracker_snapshot("peak").get(torch.device("cpu"), {}))
+        if step.optimizer is not None and device_like == "cuda":
+            host_bytes = _cpu_side_state_bytes(step.optimizer, block)
+            for key in list(snapshot):
+                if getattr(key, "value", key) in ("Optstate", _TOTAL):
+                    snapshot[key] -= host_bytes
+    return snapshot, top_modules
+
+
 def predict_case(case, *, device_like: str | None = None) -> dict:
     """``predict_peak`` for a benchmark case (``leanstep.bench.cases.Case``), at the input its
     memory pass measures (``memory_batch_size`` and ``memory_image_size`` where it has them).
@@ -327,12 +376,19 @@ def predict_case(case, *, device_like: str | None = None) -> dict:
     from .cases import build_model
 
     if device_like is None:
-        device_like = "cuda" if str(case.device).startswith("cuda") else "cpu"
+        device_like = case.device_type
+    memory_case = case.memory_case()
+
+    def model_fn() -> nn.Module:
+        return build_model(case)
+
+    model_fn.spec = case.model
     return predict_peak(
-        lambda: build_model(case),
-        batch_size=case.memory_batch_size or case.batch_size,
-        image_size=case.memory_image_size or case.image_size,
+        model_fn,
+        batch_size=memory_case.batch_size,
+        image_size=memory_case.image_hw,
         in_channels=case.in_channels,
         precision=case.precision, channels_last=case.channels_last, mode=case.mode,
-        device_like=device_like, compile=case.compile,
+        device_like=device_like, compile=case.compile, optimizer=case.optimizer,
+        loss=case.loss, num_classes=case.num_classes,
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from .cases import DEVICES, Case, build_model
 from .specs import MissingPackageError, parse_spec, require_package, resolve_callable
-from .step import MODES, PRECISIONS
+from .step import LOSSES, MODES, OPTIMIZERS, PRECISIONS
 
 __all__ = ["MAX_INT", "MissingPackageError", "check_int", "validate_case"]
 
@@ -50,7 +50,9 @@ class _SingleValuePerChannel(Exception):
     pass
 
 
-def _check_runs_at(model: nn.Module, case: Case, batch_size: int, image_size: int) -> None:
+def _check_runs_at(
+    model: nn.Module, case: Case, batch_size: int, image_hw: tuple[int, int]
+) -> None:
     """Shape-check a forward pass on the meta device: no memory, no compute.
 
     Eval mode keeps data-dependent code paths (which meta tensors cannot run) out of the way; a
@@ -70,7 +72,9 @@ def _check_runs_at(model: nn.Module, case: Case, batch_size: int, image_size: in
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
     model.eval()
-    x = torch.ones(batch_size, case.in_channels, image_size, image_size, device="meta")
+    height, width = image_hw
+    image_size = str(height) if height == width else f"{height}x{width}"
+    x = torch.ones(batch_size, case.in_channels, height, width, device="meta")
     try:
         with torch.no_grad():
             model(x)
@@ -106,7 +110,7 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
                            ("num_classes", 1), ("runs", 1), ("iters", 1)):
         check_int(label.replace("_", " "), getattr(case, label), minimum)
     for label, minimum in (("warmup", 0), ("threads", 1), ("memory_batch_size", 1),
-                           ("memory_image_size", 1)):
+                           ("memory_image_size", 1), ("image_width", 1)):
         if getattr(case, label) is not None:
             check_int(label.replace("_", " "), getattr(case, label), minimum)
     for label in ("channels_last", "compile"):
@@ -115,6 +119,15 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
     _check_device(case.device, require_device)
     _check_choice("precision", case.precision, PRECISIONS)
     _check_choice("mode", case.mode, MODES)
+    _check_choice("optimizer", case.optimizer, tuple(OPTIMIZERS))
+    _check_choice("loss", case.loss, LOSSES)
+    if case.image_hw[0] != case.image_hw[1] and case.memory_image_size not in (
+        None, case.image_size
+    ):
+        raise ValueError(
+            f"memory_image_size {case.memory_image_size} is square, the images are "
+            f"{case.size_label}; drop one of them"
+        )
     if case.precision == "amp_fp16" and case.device_type != "cuda":
         raise ValueError("precision 'amp_fp16' needs CUDA; use 'amp_bf16' or 'fp32' on CPU")
     if not isinstance(case.options, dict):
@@ -143,5 +156,7 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
     except ImportError as error:
         raise ValueError(f"cannot build model {case.model!r}: {error}") from None
     batch_sizes = [case.batch_size, case.memory_batch_size or case.batch_size]
-    image_sizes = [case.image_size, case.memory_image_size or case.image_size]
-    _check_runs_at(model, case, min(batch_sizes), min(image_sizes))
+    image_sizes = [case.image_hw, case.memory_case().image_hw]
+    _check_runs_at(
+        model, case, min(batch_sizes), min(image_sizes, key=lambda hw: hw[0] * hw[1])
+    )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from leanstep.bench.cases import Case
-from leanstep.bench.step import MODES, PRECISIONS
+from leanstep.bench.step import LOSSES, MODES, OPTIMIZERS, PRECISIONS
 from leanstep.bench.suite import Suite, is_suite, load_suite
 
 __all__ = ["AXES", "SCALARS", "Axis", "add_case_arguments", "split_list", "suite_from_args"]
@@ -73,16 +73,37 @@ def _text(text: str, label: str) -> str:
     return text
 
 
+def parse_size(text: str, label: str) -> tuple[int, int | None]:
+    """``S`` (square) or ``HxW``: (height, width), width None for a square image."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if match is None:
+        raise ValueError(f"{label} takes S or HxW (pixels, e.g. 224 or 512x1024), got {text!r}")
+    height = int(match.group(1))
+    width = int(match.group(2)) if match.group(2) is not None else None
+    return (height, None if width == height else width)
+
+
+def _shown(value: object) -> str:
+    """How a case name shows an option's value."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):  # an image size
+        height, width = value
+        return str(height) if width is None else f"{height}x{width}"
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Axis:
     """A case option that takes a comma list: ``--flag A,B`` compares A and B.
 
-    ``target``: a Case field, or ``option:KEY`` for a model keyword; ``label``: how case names
-    show the value; ``suite``: whether it may override a suite's cases (one value).
+    ``target``: a Case field, a tuple of Case fields (``parse`` then returns one value each), or
+    ``option:KEY`` for a model keyword; ``label``: how case names show the value; ``suite``:
+    whether it may override a suite's cases (one value).
     """
 
     flag: str
-    target: str
+    target: str | tuple[str, ...]
     parse: Callable[[str, str], object]
     help: str
     label: str
@@ -116,12 +137,18 @@ AXES = (
     Axis("--pre-act", "option:pre_act", parse_bool, "VGG: norm+act before conv (true/false)",
          "pre_act", nargs="?", const="true"),
     Axis("--bs", "batch_size", parse_int, "batch size", "bs", suite=True),
-    Axis("--size", "image_size", parse_int, "image size in pixels (square)", "size",
-         suite=True),
+    Axis("--size", ("image_size", "image_width"), parse_size,
+         "image size in pixels: S (square) or HxW, e.g. 512x1024", "size", suite=True),
     Axis("--precision", "precision", _text, f"one of {', '.join(PRECISIONS)}", "precision",
          suite=True),
     Axis("--mode", "mode", _text, f"{' or '.join(MODES)}: full step, or eval no_grad forward",
          "mode", suite=True),
+    Axis("--optimizer", "optimizer", _text,
+         f"one of {', '.join(OPTIMIZERS)} (default sgd: momentum 0.9)", "optimizer",
+         suite=True),
+    Axis("--loss", "loss", _text,
+         f"one of {', '.join(LOSSES)}: output.mean() (default), or cross entropy against "
+         "random class targets", "loss", suite=True),
     Axis("--plan", "plan", _parse_plan, "a plan file from `leanstep plan --out` (none: plain)",
          "plan", show=_show_plan),
 )
@@ -206,7 +233,7 @@ def _suite(args: argparse.Namespace) -> Suite:
             raise ValueError(f"{flag} applies to a model, not to a suite; edit the suite file")
         if len(values) != 1:
             raise ValueError(f"a suite takes one value for {flag}, got {len(values)}")
-        overrides[target] = values[0]
+        _assign(target, values[0], overrides, overrides)
     if "batch_size" in overrides or "image_size" in overrides:
         overrides.update(memory_batch_size=None, memory_image_size=None)
     suite = suite.replace(
@@ -215,6 +242,16 @@ def _suite(args: argparse.Namespace) -> Suite:
     if getattr(args, "group", None):
         suite = suite.only_groups(args.group)
     return suite
+
+
+def _assign(target, value, options: dict, fields: dict) -> None:
+    """Set what ``target`` names (model keyword, field or fields) to ``value``."""
+    if isinstance(target, tuple):
+        fields.update(zip(target, value, strict=True))
+    elif target.startswith("option:"):
+        options[target.split(":", 1)[1]] = value
+    else:
+        fields[target] = value
 
 
 def _adhoc_name(target: str) -> str:
@@ -236,12 +273,9 @@ def _adhoc(args: argparse.Namespace) -> Suite:
             fields: dict = {}
             label_parts = [model]
             for (axis, label, target, values), value in zip(axes, combination, strict=True):
-                if target.startswith("option:"):
-                    options[target.split(":", 1)[1]] = value
-                else:
-                    fields[target] = value
+                _assign(target, value, options, fields)
                 if len(values) > 1:
-                    shown = axis.show(value) if axis and axis.show else value
+                    shown = axis.show(value) if axis and axis.show else _shown(value)
                     label_parts.append(f"{label}={'none' if shown is None else shown}")
             cases.append(Case(
                 suite=suite, group=groups[0], name=" ".join(str(p) for p in label_parts),

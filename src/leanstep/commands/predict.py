@@ -9,6 +9,7 @@ the suite's ``reference_mib`` beside the prediction where it has one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -36,12 +37,13 @@ def _row(case, device_like: str | None, *, strict: bool) -> dict:
     skipped row; with ``strict`` (an ad hoc case, validated before any prediction) the
     ValueError itself.
     """
+    at = case.memory_case()
     row = {
         "suite": case.suite, "group": case.group, "name": case.name, "model": case.model,
         "options": case.options,
-        "batch_size": case.memory_batch_size or case.batch_size,
-        "image_size": case.memory_image_size or case.image_size,
-        "precision": case.precision,
+        "batch_size": at.batch_size,
+        "image_size": at.image_size, "image_width": at.image_hw[1], "size": at.size_label,
+        "precision": case.precision, "optimizer": case.optimizer, "loss": case.loss,
         "device_like": device_like or case.device_type,
         "predicted_mib": None, "memory": None, "top_modules": None, "seconds": None,
         "status": "ok", "reason": None,
@@ -51,7 +53,7 @@ def _row(case, device_like: str | None, *, strict: bool) -> dict:
         row["reference_mib"] = reference
     try:
         if not strict:
-            validate_case(case, require_device=False)
+            validate_case(_as_validated(case, device_like), require_device=False)
         predicted = predict_case(case, device_like=device_like)
     except ValueError as error:
         if strict:
@@ -68,10 +70,18 @@ def _row(case, device_like: str | None, *, strict: bool) -> dict:
     return row
 
 
+def _as_validated(case, device_like: str | None):
+    """The case as its prediction runs it: a CUDA-like prediction takes CUDA-only options
+    (amp_fp16) whatever the case's device."""
+    if device_like == "cuda" and case.device_type != "cuda":
+        return dataclasses.replace(case, device="cuda")
+    return case
+
+
 def _print_details(row: dict) -> None:
     print(
-        f"{row['name']}: batch {row['batch_size']}, {row['image_size']} px, {row['precision']}, "
-        f"{row['device_like']}-like"
+        f"{row['name']}: batch {row['batch_size']}, {row['size']} px, {row['precision']}, "
+        f"{row['optimizer']}, loss {row['loss']}, {row['device_like']}-like"
     )
     if row["status"] != "ok":
         print(f"  {row['status']}: {row['reason']}\n")
@@ -96,7 +106,7 @@ def _print_table(rows: list[dict]) -> None:
         ok = row["status"] == "ok"
         reference = row.get("reference_mib")
         lines.append((
-            row["group"], row["name"], str(row["batch_size"]), str(row["image_size"]),
+            row["group"], row["name"], str(row["batch_size"]), row["size"],
             f"{row['predicted_mib']:.1f}" if ok else row["status"],
             f"{reference:.1f}" if reference else "-",
             f"{row['ratio']:.3f}" if ok and "ratio" in row else "-",
@@ -114,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from_suite = is_suite(args.target)
     if not from_suite:
         for case in cases:
-            validate_case(case, require_device=False)
+            validate_case(_as_validated(case, args.device_like), require_device=False)
     rows = []
     for case in cases:
         row = _row(case, args.device_like, strict=not from_suite)

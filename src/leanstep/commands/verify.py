@@ -1,9 +1,11 @@
-"""Check that model variants compute the same training step (float64 loss, gradients, stats).
+"""Check that model variants compute the same training step (loss, gradients, statistics).
 
 ``leanstep verify resnet50 --norm bn,inplace_abn --activation leaky_relu`` builds one model per
 combination of the comma lists, gives each the first one's weights and compares one float64
-step with the first's (``leanstep.bench.verify``). Exit code 1 if a difference exceeds the
-tolerance.
+step with the first's (``leanstep.bench.verify``). ``--precision`` runs each variant in the named
+precision, and ``--mode``, ``--channels-last``, ``--compile``, ``--optimizer`` and ``--loss`` as
+they say, each compared with the float64 eager step of the first variant at a tolerance that
+scales with the precision. Exit code 1 if a difference exceeds the tolerance.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from leanstep.bench.cases import build_model
 from leanstep.bench.suite import is_suite
 from leanstep.bench.table import print_table
 from leanstep.bench.validate import validate_case
-from leanstep.bench.verify import TOLERANCE, verify_models
+from leanstep.bench.verify import TOLERANCES, StepSettings, verify_models
 from leanstep.commands.case_args import add_case_arguments, suite_from_args
 
 DEFAULT_BATCH_SIZE = 4
@@ -25,9 +27,11 @@ DEFAULT_IMAGE_SIZE = 64
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_case_arguments(parser)
     check = parser.add_argument_group("verification")
+    defaults = ", ".join(f"{name} {value:g}" for name, value in TOLERANCES.items())
     check.add_argument(
-        "--tolerance", type=float, default=TOLERANCE,
-        help=f"largest relative difference accepted (default {TOLERANCE:g})",
+        "--tolerance", type=float, default=None,
+        help=f"largest relative difference accepted (default by precision: {defaults}; "
+        "float64 without --precision)",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the input and dropout masks")
     check.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -37,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _same_shapes(cases) -> None:
     first = cases[0]
     for case in cases[1:]:
-        for field in ("batch_size", "image_size", "in_channels", "num_classes"):
+        for field in ("batch_size", "image_hw", "in_channels", "num_classes"):
             if getattr(case, field) != getattr(first, field):
                 raise ValueError(
                     f"verify compares variants on one input; {field} differs: "
@@ -46,24 +50,54 @@ def _same_shapes(cases) -> None:
                 )
 
 
+def _refuse_timing_options(args: argparse.Namespace) -> None:
+    """verify runs one step on the CPU: the timing and device options have nothing to do."""
+    for flag in ("runs", "iters", "warmup"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag} times a benchmark; verify runs one step: drop it")
+    device = getattr(args, "device", None)
+    if device is not None and str(device) != "cpu":
+        raise ValueError(
+            f"verify compares steps on the CPU against a float64 reference; drop --device "
+            f"{device}"
+        )
+
+
+def _settings(case, explicit_precision: bool) -> StepSettings:
+    """The case's step as verify runs it: float64 unless ``--precision`` was given."""
+    return StepSettings(
+        precision=case.precision if explicit_precision else "fp64", mode=case.mode,
+        channels_last=case.channels_last, compile=case.compile, optimizer=case.optimizer,
+        loss=case.loss,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if is_suite(args.target):
         raise ValueError("verify takes a model and variant options, not a suite file")
-    if not args.tolerance > 0:
+    if args.tolerance is not None and not args.tolerance > 0:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance!r}")
+    _refuse_timing_options(args)
     cases = list(suite_from_args(args).cases)
-    if len(cases) < 2:
-        raise ValueError(
-            "verify needs at least two variants: give comma lists, e.g. --norm bn,inplace_abn"
-        )
-    _same_shapes(cases)
+    settings = [_settings(case, args.precision is not None) for case in cases]
     for case in cases:
         validate_case(case, require_device=False)
+    if len(cases) < 2 and settings[0].is_reference:
+        raise ValueError(
+            "verify needs at least two variants: give comma lists, e.g. --norm bn,inplace_abn "
+            "(or one variant in another --precision, --mode, --channels-last or --compile)"
+        )
+    _same_shapes(cases)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     first = cases[0]
     result = verify_models(
         [(case.name, build_model(case)) for case in cases],
-        batch_size=first.batch_size, image_size=first.image_size,
-        in_channels=first.in_channels, seed=args.seed, tolerance=args.tolerance,
+        batch_size=first.batch_size, image_size=first.image_hw,
+        in_channels=first.in_channels, num_classes=first.num_classes, seed=args.seed,
+        tolerance=args.tolerance, settings=settings,
     )
     if args.json:
         print(json.dumps(result))
@@ -80,20 +114,26 @@ def _worst_cells(worst: dict) -> tuple[str, str]:
 
 def _print_result(result: dict, first) -> None:
     print(
-        f"float64 training step, batch {first.batch_size}, {first.image_size} px; "
-        f"against {result['reference']}; tolerance {result['tolerance']:g} (relative)"
+        f"one training step, batch {first.batch_size}, {first.size_label} px; against the "
+        f"float64 step of {result['reference']}"
     )
-    headers = ("variant", "loss rel", "worst gradient", "grad rel", "worst buffer", "buffer rel",
-               "")
+    headers = ("variant", "precision", "tolerance", "loss rel", "output rel", "worst gradient",
+               "grad rel", "worst buffer", "buffer rel", "params after step", "")
     lines = []
     for label, variant in result["variants"].items():
         lines.append((
-            label,
-            f"{variant['loss']['rel']:.2e}",
+            label, variant["precision"], f"{variant['tolerance']:g}",
+            f"{variant['loss']['rel']:.2e}", f"{variant['output']['rel']:.2e}",
             *_worst_cells(variant["gradients"]),
             *_worst_cells(variant["buffers"]),
+            f"{variant['parameters']['rel']:.2e}",
             "ok" if variant["passed"] else "FAILED",
         ))
     print_table(headers, lines)
-    print("rel = max |difference| / max |reference value|, per tensor; worst = largest rel")
+    metrics = {variant["metric"] for variant in result["variants"].values()}
+    if "max" in metrics:
+        print("fp64: rel = max |difference| / max |reference value|, per tensor; worst = largest")
+    if "l2" in metrics:
+        print("fp32: rel = L2 norm of the differences / that of the reference, per group; "
+              "worst = largest contribution")
     print("passed" if result["passed"] else "FAILED: a difference exceeds the tolerance")

@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from leanstep.bench._torch_internals import dispatch_mode_class
 
 from .trace import Work, _flop_formulas, _nbytes, _returns_tensor
 
@@ -71,7 +72,7 @@ DEFAULT_RATES = {
 }
 
 
-class _OpTimer(TorchDispatchMode):
+class _OpTimer(dispatch_mode_class()):
     """Times every operation (synchronising on CUDA) and sums time and work by kind."""
 
     def __init__(self, device: torch.device):

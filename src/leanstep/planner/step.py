@@ -1,9 +1,5 @@
-"""The training step a plan is made for: the benchmark's step with the user's optimizer and an
-input of any height and width.
-
-``TrainStep`` fixes SGD with momentum and square inputs; a plan must be made for the step the
-user runs (Adam keeps twice SGD's optimizer state), so ``build_step`` swaps both in. Issue 13 adds
-the same options to every command; until then they live here, for the planner only.
+"""The training step a plan is made for: ``TrainStep`` with the user's optimizer and an input of
+any height and width (``--optimizer``, ``--size HxW``, as every command takes them).
 """
 
 from __future__ import annotations
@@ -13,24 +9,10 @@ import re
 import torch
 from torch import nn
 
+from leanstep.bench.optimizers import OPTIMIZERS, make_optimizer
 from leanstep.bench.step import TrainStep
 
 __all__ = ["OPTIMIZERS", "build_step", "make_optimizer", "parse_input_size"]
-
-# Optimizer name -> (class, keyword arguments). SGD's are TrainStep's own.
-OPTIMIZERS = {
-    "sgd": ("SGD", {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}),
-    "adam": ("Adam", {"lr": 1e-3, "weight_decay": 1e-4}),
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}),
-}
-
-
-def make_optimizer(name: str, parameters) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (a key of OPTIMIZERS) over ``parameters``."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    class_name, options = OPTIMIZERS[name]
-    return getattr(torch.optim, class_name)(parameters, **options)
 
 
 def parse_input_size(value) -> tuple[int, int]:
@@ -55,19 +37,11 @@ def parse_input_size(value) -> tuple[int, int]:
 def build_step(
     model: nn.Module, *, batch_size: int, input_size: tuple[int, int], in_channels: int = 3,
     device: str | torch.device = "cpu", precision: str = "fp32", optimizer: str = "sgd",
-    channels_last: bool = False,
+    channels_last: bool = False, loss: str = "mean", num_classes: int | None = None,
 ) -> TrainStep:
     """``TrainStep`` of ``model`` with ``optimizer`` and an input of ``input_size`` (H, W)."""
-    height, width = input_size
-    step = TrainStep(
-        model, batch_size=batch_size, image_size=height, in_channels=in_channels,
-        device=device, precision=precision, channels_last=channels_last,
+    return TrainStep(
+        model, batch_size=batch_size, image_size=tuple(input_size), in_channels=in_channels,
+        device=device, precision=precision, channels_last=channels_last, optimizer=optimizer,
+        loss=loss, num_classes=num_classes,
     )
-    if width != height:
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        step.input = torch.ones(
-            batch_size, in_channels, height, width, device=step.device
-        ).contiguous(memory_format=memory_format).requires_grad_(True)
-    if optimizer != "sgd":
-        step.optimizer = make_optimizer(optimizer, step.model.parameters())
-    return step

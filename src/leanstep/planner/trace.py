@@ -29,8 +29,11 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from leanstep.bench import _torch_internals as internals
+from leanstep.bench._torch_internals import temporary_meta_kernels
 from leanstep.bench.memory import CATEGORIES, MIB
 from leanstep.bench.predict import (
+    _META_KERNELS,
     CUDA_BLOCK_BYTES,
     _autocast_precision,
     _check_options,
@@ -130,8 +133,8 @@ def _returns_tensor(result) -> bool:
 
 def _tracer(blocks: list[nn.Module], block: int):
     """A MemTracker that also records segments, kept bytes per block and work per segment."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _UpdateType
-
+    MemTracker = internals.mem_tracker_class()
+    sized = internals.sized_update_types()
     formulas = _flop_formulas()
 
     class StepTracer(MemTracker):
@@ -146,7 +149,7 @@ def _tracer(blocks: list[nn.Module], block: int):
             self.recording = False
 
         def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None):
-            if u_type in (_UpdateType.ADD, _UpdateType.SIZE):
+            if u_type in sized:
                 winfo.mem_consumed = _round_up(winfo.mem_consumed, block)
             super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
 
@@ -251,16 +254,14 @@ class FakeStep:
         optimizer: str = "sgd",
         device_like: str = "cpu",
     ):
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         _check_options(device_like, False)
         self.block = CUDA_BLOCK_BYTES if device_like == "cuda" else 1
         self.input_size, self.in_channels = input_size, in_channels
         with torch.device("meta"):
             model = model_fn()
         self.modules = [model.get_submodule(name) for name in block_names]
-        self.mode = FakeTensorMode()
-        with self.mode, _predictable():
+        self.mode = internals.fake_tensor_mode()
+        with temporary_meta_kernels(_META_KERNELS), self.mode, _predictable():
             _materialise_fake(model, torch.contiguous_format)
             self.step = build_step(
                 model, batch_size=1, input_size=input_size, in_channels=in_channels,
@@ -274,7 +275,7 @@ class FakeStep:
         """Trace one step at ``batch_size``."""
         started = time.perf_counter()
         step = self.step
-        with self.mode, _predictable():
+        with temporary_meta_kernels(_META_KERNELS), self.mode, _predictable():
             step.input = torch.ones(batch_size, self.in_channels, *self.input_size,
                                     requires_grad=True)
             tracer = _tracer(self.modules, self.block)
@@ -317,14 +318,9 @@ class FakeStep:
 @contextlib.contextmanager
 def _predictable():
     """Turn fake tensors' data-dependent errors into UnpredictableError."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-    )
-
     try:
         yield
-    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+    except internals.data_dependent_errors() as error:
         raise _unpredictable(error) from None
 
 

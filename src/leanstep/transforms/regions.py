@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+from leanstep.bench._torch_internals import dispatch_mode_class, exclude_dispatch_key
 
 __all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
            "run_region"]
@@ -56,7 +57,7 @@ except ImportError:  # pragma: no cover - older torch
 
 def _detach(tensor: torch.Tensor) -> torch.Tensor:
     """A detached alias that shares the version counter (so later writes are seen)."""
-    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+    with exclude_dispatch_key("ADInplaceOrView"):
         return tensor.detach()
 
 
@@ -82,7 +83,7 @@ class _Store:
             self.paused = False
 
 
-class _KeepMode(TorchDispatchMode):
+class _KeepMode(dispatch_mode_class()):
     """Forward pass: keep the outputs of ``KEEP_OPS``; count every op for the recompute."""
 
     def __init__(self, store: _Store):
@@ -113,7 +114,7 @@ class _KeepMode(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-class _ReplayMode(TorchDispatchMode):
+class _ReplayMode(dispatch_mode_class()):
     """Recompute: hand back the kept outputs, run everything else."""
 
     def __init__(self, store: _Store):
