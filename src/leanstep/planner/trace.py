@@ -35,7 +35,6 @@ from leanstep.bench.predict import (
     _autocast_precision,
     _check_options,
     _materialise_fake,
-    _register_missing_meta_kernels,
     _round_up,
     _tensors_of,
     _use_foreach,
@@ -255,7 +254,6 @@ class FakeStep:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         _check_options(device_like, False)
-        _register_missing_meta_kernels()
         self.block = CUDA_BLOCK_BYTES if device_like == "cuda" else 1
         self.input_size, self.in_channels = input_size, in_channels
         with torch.device("meta"):
