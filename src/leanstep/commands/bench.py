@@ -79,7 +79,9 @@ def check_resume(suite: Suite, rows: list[dict]) -> None:
     measured with other settings: resuming would mix two experiments in one report."""
     from leanstep.bench.results import latest_rows, row_key
 
-    by_key = {row_key(row): row for row in latest_rows(rows)}
+    from leanstep.bench.cases import legacy_row
+
+    by_key = {row_key(row): legacy_row(row) for row in latest_rows(rows)}
     differences = []
     for case in suite.cases:
         row = by_key.get(case.key)
