@@ -25,6 +25,7 @@ __all__ = [
     "IDENTITY_FIELDS",
     "MODEL_OPTION_KEYS",
     "REFERENCE_KEYS",
+    "TRANSFORM_FIELDS",
     "Case",
     "available_cores",
     "build_model",
@@ -46,6 +47,8 @@ REFERENCE_KEYS = (
 )
 # Fields that place a case in its suite rather than say what it measures.
 IDENTITY_FIELDS = ("suite", "group", "name", "index", "reference")
+# The model transforms of a case (``leanstep.transforms.apply``), as row columns.
+TRANSFORM_FIELDS = ("lean", "checkpoint", "convert", "convert_activation")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from leanstep.bench.cases import TRANSFORM_FIELDS
 from leanstep.bench.max_batch import case_max_batch, parse_budget
 from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL
 from leanstep.bench.suite import is_suite
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             first_batch[case.model] = found["batch_size"]
         row = {
             "name": case.name, "model": case.model, "options": case.options,
+            **{key: getattr(case, key) for key in TRANSFORM_FIELDS},
             "variant": _variant_label(case), "image_size": case.image_size,
             "precision": case.precision, "device_like": args.device_like or case.device_type,
             "memory_budget_mib": budget / 2**20, "batch_size": found["batch_size"],

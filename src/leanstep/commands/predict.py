@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from leanstep.bench.cases import TRANSFORM_FIELDS
 from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL, predict_case
 from leanstep.bench.suite import is_suite
 from leanstep.bench.table import print_table
@@ -39,6 +40,7 @@ def _row(case, device_like: str | None, *, strict: bool) -> dict:
     row = {
         "suite": case.suite, "group": case.group, "name": case.name, "model": case.model,
         "options": case.options,
+        **{key: getattr(case, key) for key in TRANSFORM_FIELDS},
         "batch_size": case.memory_batch_size or case.batch_size,
         "image_size": case.memory_image_size or case.image_size,
         "precision": case.precision,

@@ -2,13 +2,15 @@
 
 ``leanstep verify resnet50 --norm bn,inplace_abn --activation leaky_relu`` builds one model per
 combination of the comma lists, gives each the first one's weights and compares one float64
-step with the first's (``leanstep.bench.verify``). Exit code 1 if a difference exceeds the
-tolerance.
+step with the first's (``leanstep.bench.verify``). When the first variant is transformed
+(``--lean``, ``--checkpoint``, ``--convert``), the untouched model is the reference. Exit
+code 1 if a difference exceeds the tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from leanstep.bench.cases import build_model
@@ -52,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance!r}")
     cases = list(suite_from_args(args).cases)
+    if cases and cases[0].transformed:
+        # --lean / --checkpoint / --convert: compared against the untouched model.
+        first = cases[0]
+        cases.insert(0, dataclasses.replace(
+            first, lean=False, checkpoint=None, convert=None, convert_activation=None,
+            name=f"{first.model} untouched"))
     if len(cases) < 2:
         raise ValueError(
             "verify needs at least two variants: give comma lists, e.g. --norm bn,inplace_abn"
