@@ -64,6 +64,7 @@ def memory(name: str, variant: str, measure: bool) -> dict:
 def time_one(name: str, variant: str, runs: int, iters: int, threads: int) -> float:
     """Median step time (ms) of ``variant`` in this process."""
     import torch
+
     from leanstep.bench.timing import time_step, warm_up
 
     torch.set_num_threads(threads)
