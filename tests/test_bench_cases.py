@@ -61,7 +61,8 @@ def test_options_parse_to_python_values():
     (case,) = cases_from_args(
         _args("vgg11_bn", "--checkpoint", "2", "--pre-act", "--option", "dropout=0.25")
     )
-    assert case.options == {"checkpoint": 2, "pre_act": True, "dropout": 0.25}
+    assert case.options == {"pre_act": True, "dropout": 0.25}
+    assert case.checkpoint == 2  # a transform of any model now, not a zoo option
 
 
 @pytest.mark.parametrize("suite", ["seed.toml", "seed-cpu.toml"])

@@ -99,7 +99,7 @@ def test_checkpoint_option_of_suites_and_old_rows_is_the_transform(tmp_path):
     ({"checkpoint": "layers"}, "checkpoint 'layers' is not allowed"),
     ({"convert": "gn"}, "unknown convert 'gn'"),
     ({"convert_activation": "leaky_relu"}, "give convert"),
-    ({"convert": "inplace_abn"}, "--activation leaky_relu"),
+    ({"convert": "inplace_abn"}, "pass activation='leaky_relu'"),
     ({"convert": "abn", "convert_activation": "nope"}, "unknown activation 'nope'"),
 ])
 def test_bad_transform_fields_are_one_line_errors(fields, match):
@@ -112,7 +112,7 @@ def test_convert_inplace_abn_on_relu_without_activation_exits_2(capsys):
     code = main(["predict", MODEL, "--bs", "2", "--size", "16", "--convert", "inplace_abn"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "cannot invert" in err and "--activation leaky_relu" in err
+    assert "cannot invert" in err and "activation='leaky_relu'" in err
 
 
 # --- the transforms are applied, to any spec --------------------------------------------------

@@ -253,8 +253,8 @@ def _convert_fused(model: nn.Module, activation: str | None, activation_param: f
                 raise ValueError(
                     f"convert_norm_act: {qual} ({type(layer).__name__}) has "
                     f"{_describe(layer.activation_name, layer.activation_param)}, which "
-                    f"InplaceABN cannot invert; pass activation='leaky_relu' (CLI: --activation "
-                    f"leaky_relu; or 'elu'; outputs change) or use norm='abn' (same outputs)"
+                    f"InplaceABN cannot invert; pass activation='leaky_relu' (or 'elu'; outputs "
+                    f"change) or use norm='abn' (same outputs)"
                 )
             todo.add(name)
         for name in sorted(_fused_private(parent, todo, prefix, summary.left) if todo else ()):
@@ -331,8 +331,8 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
                     raise ValueError(
                         f"convert_norm_act: {pair.qualname} is followed by "
                         f"{_describe(pair.activation, pair.param)}, which InplaceABN cannot "
-                        f"invert; pass activation='leaky_relu' (CLI: --activation leaky_relu; or "
-                        f"'elu'; outputs change) or use norm='abn' (same outputs)"
+                        f"invert; pass activation='leaky_relu' (or 'elu'; outputs change) or "
+                        f"use norm='abn' (same outputs)"
                     )
                 if not pair.input_private:
                     summary.left.append((pair.qualname, "its input is read elsewhere: "
