@@ -219,3 +219,22 @@ def test_planner_offers_inplace_abn_for_zoo_models_with_activation_change():
     assert _inplace_abn_activation(model, blocks, allow_change=True) == ("leaky_relu", None)
     activation, reason = _inplace_abn_activation(model, blocks, allow_change=False)
     assert activation is None and "not invertible" in reason
+
+
+def test_zoo_fused_layers_become_inplace_abn_exactly(capsys):
+    from leanstep.layers.norm_act import BatchNormAct
+    from leanstep.models import create_model
+    from leanstep.transforms import convert_norm_act
+
+    model = create_model("resnet18", num_classes=10, activation="leaky_relu")
+    before = dict(model.named_parameters())
+    summary = convert_norm_act(model, norm="inplace_abn")
+    assert isinstance(model.layer1[0].bn1, InplaceABN) and isinstance(model.bn1, InplaceABN)
+    assert type(model.layer1[0].bn2) is BatchNormAct  # identity: left
+    assert len(summary.converted) == 9 and not summary.changes_outputs
+    assert all(p is before[name] for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="cannot invert"):
+        convert_norm_act(create_model("resnet18", num_classes=10), norm="inplace_abn")
+    code, (result,) = _json(capsys, "verify", "resnet18", "--option", "activation=leaky_relu",
+                            "--convert", "inplace_abn", "--bs", "2", "--size", "32", "--json")
+    assert code == 0 and result["passed"]
