@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import statistics
 from pathlib import Path
 
@@ -76,21 +77,134 @@ def test_shipped_suites_are_valid(suite):
             assert case.model.split(":")[0] in str(error)
 
 
+SEED_TABLE = Path(__file__).resolve().parent / "data" / "seed_table.md"
+_SEED_TITLE = re.compile(r"^\*\*(?P<title>[^*]+)\*\*")
+_SEED_FIGURES = re.compile(
+    r"^Mean of (?P<runs>\d+) runs (?P<iters>\d+) iters each BS=(?P<bs>\d+): "
+    r"(?:(?P<ms>[\d.]+)\+-[\d.]+ msecs gpu\. |(?P<fwd>[\d.]+)\+-[\d.]+ msecs Forward\. "
+    r"(?P<bwd>[\d.]+)\+-[\d.]+ msecs Backward\. )Max memory: (?P<mib>[\d.]+)Mb\.?"
+    r"(?: (?P<ips>[\d.]+) imgs/sec)?\s*$"
+)
+_SEED_MODELS = {
+    "VGG 16": "vgg16_bn", "Resnet50": "resnet50", "SE Resnext50_32x4": "se_resnext50_32x4d",
+    "Resnet34": "resnet34",
+}
+_SEED_FIGURE_KEYS = {"ms": "reference_ms", "fwd": "reference_fwd_ms", "bwd": "reference_bwd_ms",
+                     "mib": "reference_mib", "ips": "reference_imgs_per_sec"}
+
+
+def _seed_rows() -> list[dict]:
+    """Every row of the seed table (tests/data/seed_table.md): its name and every figure."""
+    if not SEED_TABLE.is_file():
+        pytest.fail(f"seed table {SEED_TABLE} is missing (see tests/data/README.md)",
+                    pytrace=False)
+    rows, title = [], None
+    for line in SEED_TABLE.read_text().splitlines():
+        found = _SEED_TITLE.match(line)
+        if found:
+            title = re.sub(r":?(\s+[\d.]+M params)?:?$", "", found["title"].strip())
+            continue
+        figures = _SEED_FIGURES.match(line.strip())
+        if figures:
+            assert title, line
+            rows.append({"name": title, **{k: v for k, v in figures.groupdict().items() if v}})
+            title = None
+    return rows
+
+
+def _expected_case(name: str) -> dict:
+    """What seed.toml's header says a seed label maps to: model, options, precision."""
+    options: dict = {}
+    words = name.split()
+    if name.startswith("EffNet"):
+        number = re.search(r"B(\d)", name)[1]
+        model = (f"efficientnet_pytorch:efficientnet-b{number}" if "lukemelas" in name
+                 else f"timm:efficientnet_b{number}")
+    else:
+        model = next(spec for label, spec in _SEED_MODELS.items() if name.startswith(label + " "))
+    if words[-1] in ("ABN", "InplaceABN"):
+        options = {"norm": "abn" if words[-1] == "ABN" else "inplace_abn",
+                   "activation": "leaky_relu"}
+    if name.endswith(("PostAct", "PreAct")):
+        options["pre_act"] = name.endswith("PreAct")
+        if "Chpnt" in words:
+            options["checkpoint"] = "blocks"
+    if "CUDA Swish" in name:
+        options["act_layer"] = "swish"
+    elif "rwightman RELU" in name:
+        options["act_layer"] = "relu"
+    if model == "resnet34":
+        options["activation"] = {"Leaky ReLU": "leaky_relu", "ReLU": "relu", "Mish": "mish_me",
+                                 "Mish Naive": "mish_naive"}[name.removeprefix("Resnet34 ")]
+    precision = "amp_fp16" if name.endswith("AMP") else "fp32"
+    return {"model": model, "options": options, "precision": precision}
+
+
+def _case_of_seed_row(seed_row: dict, cases: list) -> Case:
+    matching = [c for c in cases
+                if c.name == seed_row["name"] and c.batch_size == int(seed_row["bs"])]
+    assert len(matching) == 1, (
+        f"seed row {seed_row['name']!r} at BS={seed_row['bs']}: {len(matching)} cases in "
+        f"seed.toml"
+    )
+    return matching[0]
+
+
+def _check_seed_suite(cases: list) -> None:
+    """Each seed row is one case with the row's name, batch size, runs, iterations, model,
+    options, precision and every published figure."""
+    used = set()
+    for seed_row in _seed_rows():
+        case = _case_of_seed_row(seed_row, cases)
+        assert case.key not in used
+        used.add(case.key)
+        expected = _expected_case(seed_row["name"])
+        assert (case.model, case.options, case.precision) == (
+            expected["model"], expected["options"], expected["precision"]
+        ), case.name
+        assert (case.runs, case.iters) == (int(seed_row["runs"]), int(seed_row["iters"]))
+        assert (case.device, case.image_size) == ("cuda", 224)
+        assert case.reference == {
+            _SEED_FIGURE_KEYS[key]: float(value)
+            for key, value in seed_row.items() if key in _SEED_FIGURE_KEYS
+        }, case.name
+    # the other cases are leanstep's own EfficientNets, referenced to the rwightman rows
+    others = [case for case in cases if case.key not in used]
+    assert {case.model for case in others} == {f"efficientnet_b{i}" for i in range(4)}
+
+
+def test_seed_table_is_parsed_whole():
+    rows = _seed_rows()
+    assert len(rows) == SEED_TABLE.read_text().count("Mean of ") == 26
+    assert sum("ms" in row for row in rows) == 12 and sum("ips" in row for row in rows) == 1
+
+
 def test_seed_suite_carries_every_seed_row():
-    seed = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-    texts = [path.read_text() for path in sorted(seed.glob("*.txt"))] if seed.is_dir() else []
-    if not texts:
-        pytest.skip("seed table not present")
-    memories = {float(m) for text in texts for m in _seed_memories(text)}
-    cases = load_suite(SUITES / "seed.toml").cases
-    references = {case.reference["reference_mib"] for case in cases}
-    assert memories <= references
+    _check_seed_suite(list(load_suite(SUITES / "seed.toml").cases))
 
 
-def _seed_memories(text: str) -> list[str]:
-    import re
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: _without_group(text, "VGG16 PreAct"), "'VGG 16 Naive PreAct' at BS=128"),
+        (lambda text: text.replace("reference_mib = 13423.22", "reference_mib = 13423.2", 1),
+         "VGG 16 Chpnt PostAct"),
+        (lambda text: text.replace("pre_act = true", "pre_act = false", 1), "VGG 16 Naive PreAct"),
+        (lambda text: text.replace("reference_imgs_per_sec = 545.56\n", "", 1), "Resnet50 AMP"),
+    ],
+)
+def test_a_seed_suite_missing_a_row_or_figure_fails_the_check(tmp_path, edit, message):
+    text = (SUITES / "seed.toml").read_text()
+    path = tmp_path / "seed.toml"
+    path.write_text(edit(text))
+    assert path.read_text() != text
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        _check_seed_suite(list(load_suite(path).cases))
 
-    return re.findall(r"Max memory: (\d+\.\d+)Mb", text)
+
+def _without_group(text: str, name: str) -> str:
+    start = text.index(f'[[group]]\nname = "{name}')
+    return text[:start] + text[text.index("[[group]]\n", start + 1):]
 
 
 def test_unknown_suite_key_names_it_and_the_allowed_keys(tmp_path, capsys):
@@ -178,11 +292,55 @@ def test_cpu_case_predicted_past_the_free_ram_is_skipped(monkeypatch):
 
     monkeypatch.setattr(measure, "available_memory_mib", lambda: 10 * 1024.0)
     case = Case("s", "g", "n", "resnet18")
-    reason = measure._ram_skip_reason(case, predicted_mib=9 * 1024.0)
-    assert reason == "would need 9.0 GiB, 10.0 GiB free"
-    assert measure._ram_skip_reason(case, predicted_mib=7 * 1024.0) is None
+    reason = measure._ram_skip_reason(case, predicted_mib=8.1 * 1024.0)
+    assert reason == "would need 8.1 GiB, 10.0 GiB free"
+    assert measure._ram_skip_reason(case, predicted_mib=7.9 * 1024.0) is None
     cuda_case = Case("s", "g", "n", "resnet18", device="cuda")
     assert measure._ram_skip_reason(cuda_case, predicted_mib=9 * 1024.0) is None
+
+
+@pytest.mark.parametrize(("share", "status"), [(0.79, "ok"), (0.81, "skipped")])
+def test_the_80_percent_ram_rule_through_bench_writes_the_skipped_row(
+    tmp_path, monkeypatch, capsys, share, status
+):
+    """A case predicted at 79% of the free RAM runs, at 81% it is skipped, and its row (with
+    the prediction and the reason) is in the results file. The workers run in this process
+    here, so that the free-RAM reader can be replaced."""
+    from leanstep.bench import measure, runner
+    from leanstep.bench.predict import predict_case
+
+    case = Case("ram", "g", "tiny", "resnet18", batch_size=2, image_size=32, runs=1, iters=1,
+                warmup=0, threads=1)
+    predicted = predict_case(case)["predicted_mib"]
+    monkeypatch.setattr(measure, "available_memory_mib", lambda: predicted / share)
+
+    def in_process(request, *, threads, timeout=None, on_phase=lambda name: None):
+        result = measure.measure_case(
+            Case.from_dict(request["case"]), runs=request["runs"], flops=False,
+            predict=request["predict"], phase=on_phase,
+        )
+        torch.set_num_threads(1)
+        return result
+
+    monkeypatch.setattr(runner, "run_worker", in_process)
+    suite = tmp_path / "ram.toml"
+    suite.write_text(
+        'name = "ram"\n[[group]]\nname = "g"\n[[group.case]]\nname = "tiny"\n'
+        'model = "resnet18"\nbatch_size = 2\nimage_size = 32\nruns = 1\niters = 1\n'
+        "warmup = 0\nthreads = 1\n"
+    )
+    out = tmp_path / "ram.jsonl"
+    assert main(["bench", str(suite), "--out", str(out), "--no-progress"]) == 0
+    import json
+
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == status and row["predicted_mib"] == pytest.approx(predicted)
+    free_gib = predicted / share / 1024
+    if status == "skipped":
+        assert row["error"] == f"would need {predicted / 1024:.1f} GiB, {free_gib:.1f} GiB free"
+        assert row["fwd_ms_mean"] is None and row["peak_mib"] is None
+    else:
+        assert row["error"] is None and row["fwd_ms_mean"] > 0 and row["peak_mib"] > 0
 
 
 def test_resume_drops_a_line_cut_short(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import sys
@@ -48,6 +49,8 @@ __all__ = [
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# How long rank 0 waits for the first failing rank's reason (written before that rank exits).
+FAILURE_WAIT = datetime.timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -195,13 +198,41 @@ def _row(case: Case, launch: Launch, backend: str, ranks: list[dict], env: dict)
     return {**make_row(case, [combined], env), **_ddp_fields(launch, backend, ranks)}
 
 
-def _failure_row(case: Case, launch: Launch, backend: str, error: BaseException, env) -> dict:
+def _failure(error: BaseException, launch: Launch) -> dict:
     reason = (str(error).strip().splitlines() or [""])[0]
-    result = {
+    return {
         "status": failure_status(error),
         "error": f"rank {launch.rank}: {type(error).__name__}: {reason}",
     }
-    return {**make_row(case, [result], env), **_ddp_fields(launch, backend)}
+
+
+def _first_failure(case: Case, launch: Launch, error: BaseException) -> dict:
+    """The failure of the rank that failed first on ``case``, as rank 0 should record it.
+
+    A rank that fails makes the others fail in their next collective ("connection closed by
+    peer"), which says nothing of the cause. So every failing rank counts itself in the launch's
+    store (torchrun's rendezvous store, which needs no collective); the first one writes its
+    reason there before it exits, and rank 0 reads that reason rather than its own symptom.
+    """
+    mine = _failure(error, launch)
+    try:
+        import torch.distributed as dist
+
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"leanstep/failure/{case.index}"
+        if store.add(f"{prefix}/count", 1) == 1:
+            store.set(f"{prefix}/first", json.dumps(mine))
+            return mine
+        if launch.rank == 0:
+            store.wait([f"{prefix}/first"], FAILURE_WAIT)
+            return json.loads(store.get(f"{prefix}/first"))
+    except Exception:  # no store, or it is gone: this rank's own failure is all there is
+        pass
+    return mine
+
+
+def _failure_row(case: Case, launch: Launch, backend: str, failure: dict, env) -> dict:
+    return {**make_row(case, [failure], env), **_ddp_fields(launch, backend)}
 
 
 def _summary(row: dict) -> str:
@@ -267,8 +298,9 @@ def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) ->
                 mine = _measure_rank(case, launch, device)
             except Exception as error:  # recorded; the ranks are out of step now, so stop
                 print(f"leanstep bench --ddp: rank {launch.rank}: {error}", file=sys.stderr)
+                failure = _first_failure(case, launch, error)
                 if launch.rank == 0:
-                    results.append(_failure_row(case, launch, backend, error, env))
+                    results.append(_failure_row(case, launch, backend, failure, env))
                 return 1
             ranks = [None] * launch.world_size
             dist.all_gather_object(ranks, mine)

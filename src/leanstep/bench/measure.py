@@ -116,17 +116,21 @@ def measure_case(
     flops: bool = True,
     predict: bool = True,
     phase: Callable[[str], None] = lambda name: None,
+    into: dict | None = None,
 ) -> dict:
     """Measure ``case``; returns its raw figures (per-iteration times, memory, FLOPs, ...).
 
     ``runs`` overrides ``case.runs`` (a round of an interleaved group runs its share). ``phase``
-    is called with each phase's name as it starts.
+    is called with each phase's name as it starts. ``into``: the dict to fill and return, so
+    that a caller keeps what was measured before a failure (the prediction of a case that then
+    runs out of memory).
     """
     case = case.with_defaults()
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)
     phase = _Phases(phase)
-    result: dict = {"device_name": device_name(device), "phase_seconds": phase.seconds}
+    result: dict = {} if into is None else into
+    result.update(device_name=device_name(device), phase_seconds=phase.seconds)
     if predict:
         phase("predict")
         result.update(_prediction(case))

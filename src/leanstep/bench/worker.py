@@ -69,6 +69,7 @@ def main() -> int:
         protocol.flush()
 
     request = json.loads(sys.stdin.read())
+    partial: dict = {}  # what was measured before a failure (the prediction, say) stays
     try:
         from .cases import Case
         from .measure import measure_case
@@ -80,10 +81,11 @@ def main() -> int:
             flops=request.get("flops", True),
             predict=request.get("predict", True),
             phase=lambda name: send({"phase": name}),
+            into=partial,
         )
     except Exception as error:
         traceback.print_exc()
-        result = {"status": failure_status(error), "error": _one_line(error)}
+        result = {**partial, "status": failure_status(error), "error": _one_line(error)}
     send({"result": result})
     return 0
 
