@@ -159,7 +159,10 @@ def _check_seed_suite(cases: list) -> None:
         assert case.key not in used
         used.add(case.key)
         expected = _expected_case(seed_row["name"])
-        assert (case.model, case.options, case.precision) == (
+        options = dict(case.options)  # checkpointing is a transform field now, any model
+        if case.checkpoint is not None:
+            options["checkpoint"] = case.checkpoint
+        assert (case.model, options, case.precision) == (
             expected["model"], expected["options"], expected["precision"]
         ), case.name
         assert (case.runs, case.iters) == (int(seed_row["runs"]), int(seed_row["iters"]))
