@@ -65,16 +65,13 @@ def time_one(name: str, variant: str, runs: int, iters: int, threads: int) -> fl
     """Median step time (ms) of ``variant`` in this process."""
     import torch
 
-    from leanstep.bench.timing import time_step, warm_up
+    from leanstep.bench.measurement import measure, warm_up
 
     torch.set_num_threads(threads)
     batch, size = CASES[name]
     step = TrainStep(build(name, variant), batch_size=batch, image_size=size)
     warm_up(step, 2)
-    forward, backward = time_step(step, runs=runs, iters=iters)
-    steps = [f + b for fr, br in zip(forward, backward, strict=True)
-             for f, b in zip(fr, br, strict=True)]
-    return statistics.median(steps)
+    return measure(step, runs=runs, iters=iters).median_ms
 
 
 def main() -> None:

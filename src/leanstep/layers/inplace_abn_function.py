@@ -10,7 +10,8 @@ Everything here is static in shape and free of host reads of device values (no `
 into the surrounding graph and a CUDA stream never waits for the host.
 
 Ill-conditioned channels. Rebuilding xhat = (y - beta) / gamma from a rounded y loses about
-``eps * |beta / gamma|`` of absolute accuracy (all of it when gamma == 0), and ELU's inverse
+``eps * |beta / gamma|`` of absolute accuracy (all of it when gamma == 0 or is so tiny that y
+underflows, 1 / gamma overflows or gamma^2 underflows: ``tiny_gamma``), and ELU's inverse
 loses it where the output saturates at -alpha. No formula recovers what rounding removed: such
 channels need their input saved. With static shapes that copy cannot be sized by the number of
 such channels (knowing it is a sync), so each layer keeps a fixed budget of ``protect`` channels:
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONDITION_LIMIT", "ELU_SATURATION", "InplaceABNFunction"]
+__all__ = ["CONDITION_LIMIT", "ELU_SATURATION", "InplaceABNFunction", "tiny_gamma"]
 
 # A channel whose |beta / gamma| exceeds this rebuilds xhat with an absolute error above
 # about CONDITION_LIMIT float32 ulps; it is ill-conditioned and gets the copy if the budget allows.
@@ -51,10 +52,18 @@ def _affine(weight, bias, like):
     return gamma, beta
 
 
+def tiny_gamma(gamma):
+    """Where |gamma| is below sqrt of the dtype's smallest normal (0 and subnormals included):
+    there y = gamma * xhat + beta underflows, 1 / gamma may overflow and the rebuilt channel's
+    weight gamma^2 * invstd underflows, so nothing of xhat can be rebuilt from y."""
+    return gamma.abs() < torch.finfo(gamma.dtype).tiny ** 0.5
+
+
 def _condition(gamma, beta):
-    """|beta / gamma| per channel; +inf where gamma == 0."""
+    """|beta / gamma| per channel; +inf (ranked worst) where gamma is tiny or the ratio is nan."""
     ratio = beta.abs() / gamma.abs()
-    return torch.where(gamma == 0, torch.full_like(ratio, float("inf")), ratio)
+    ill = tiny_gamma(gamma) | ratio.isnan()
+    return torch.where(ill, torch.full_like(ratio, float("inf")), ratio)
 
 
 class InplaceABNFunction(torch.autograd.Function):
@@ -160,12 +169,15 @@ class InplaceABNFunction(torch.autograd.Function):
             y = z.clone()
             dy = grad_output
         gamma, beta = _affine(weight, bias, mean)
+        if index.numel() and ctx.activation != "identity":
+            dy[:, index] = _protected_slope(grad_output, z, copy, index, mean, invstd, gamma,
+                                            beta, ctx.activation, ctx.slope)
         needs = list(ctx.needs_input_grad[:3])
         if ctx.group is not None:
             from .sync_stats import group_backward
 
             y, dy = y.to(acc), dy.to(acc)
-            inverse = torch.where(gamma == 0, torch.zeros_like(gamma), 1.0 / gamma)
+            inverse = torch.where(tiny_gamma(gamma), torch.zeros_like(gamma), 1.0 / gamma)
             x = y.sub_(beta.view(shape)).mul_(inverse.view(shape))
             x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
             if index.numel():
@@ -178,13 +190,13 @@ class InplaceABNFunction(torch.autograd.Function):
             # channel rebuilt from the output centre = beta, spread = 1 / gamma, and the
             # weight is gamma^2 * invstd (the input gradient's factor is weight * spread =
             # gamma * invstd); a protected channel holds its saved input instead, with the
-            # batch's mean, invstd and gamma. A channel with gamma == 0 left out of the budget
+            # batch's mean, invstd and gamma. A channel with a tiny gamma left out of the budget
             # gets xhat = 0.
             protected = torch.zeros(channels, dtype=torch.bool, device=z.device)
             if index.numel():
                 y[:, index] = copy.to(y.dtype)
                 protected = protected.index_fill(0, index, True)
-            zero = gamma == 0
+            zero = tiny_gamma(gamma)
             spread = torch.where(zero, torch.zeros_like(gamma), 1.0 / gamma)
             centre = torch.where(protected, mean, beta)
             spread = torch.where(protected, invstd, spread)
@@ -202,6 +214,23 @@ class InplaceABNFunction(torch.autograd.Function):
 def _aminmax(x):
     """Per-channel (min, max) of an (N, C, *) tensor."""
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
+
+
+def _protected_slope(grad_output, z, copy, index, mean, invstd, gamma, beta, activation, slope):
+    """dL/dy of the protected channels, the activation's branch taken from the saved input.
+
+    z's sign picks the branch, but where gamma * xhat + beta underflows (a subnormal gamma)
+    z == 0 has lost it; y > 0 is decided as xhat * sign(gamma) > -beta / |gamma| instead,
+    which neither underflows nor loses the sign (beta / 0 is +-inf)."""
+    shape = [1, index.numel()] + [1] * (z.dim() - 2)
+    pick = [t.index_select(0, index).view(shape) for t in (mean, invstd, gamma, beta)]
+    mean, invstd, gamma, beta = pick
+    xhat = (copy.to(mean.dtype) - mean) * invstd
+    positive = xhat * gamma.sign() > -beta / gamma.abs()
+    grad = grad_output.index_select(1, index)
+    if activation == "leaky_relu":
+        return torch.where(positive, grad, grad * slope)
+    return torch.where(positive, grad, grad * (z.index_select(1, index) + slope))
 
 
 def _protect(x, ratio, protect, unprotected):
