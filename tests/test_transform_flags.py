@@ -238,3 +238,14 @@ def test_zoo_fused_layers_become_inplace_abn_exactly(capsys):
     code, (result,) = _json(capsys, "verify", "resnet18", "--option", "activation=leaky_relu",
                             "--convert", "inplace_abn", "--bs", "2", "--size", "32", "--json")
     assert code == 0 and result["passed"]
+
+
+def test_zoo_fused_layers_become_abn_with_the_given_activation():
+    from leanstep.models import create_model
+    from leanstep.transforms import convert_norm_act
+
+    model = create_model("resnet18", num_classes=10)
+    with pytest.warns(UserWarning, match="outputs change"):
+        summary = convert_norm_act(model, norm="abn", activation="leaky_relu")
+    assert type(model.layer1[0].bn1) is ABN and model.layer1[0].bn1.activation_name == "leaky_relu"
+    assert len(summary.converted) == 9 and summary.changes_outputs

@@ -27,7 +27,7 @@ from torch import nn
 
 from leanstep.layers import INVERTIBLE_ACTIVATIONS, get_norm_act
 from leanstep.layers.activations import activation_parameter, canonical_activation
-from leanstep.layers.norm_act import BatchNormAct
+from leanstep.layers.norm_act import ABN, BatchNormAct
 from leanstep.layers.sync import SyncBatchNormAct
 
 from .outside import lean_outside, remove_outside
@@ -220,21 +220,23 @@ def _fused_private(parent: nn.Module, names: set[str], prefix: str, left: list) 
     return private
 
 
-def _convert_fused(model: nn.Module, activation: str | None, activation_param: float | None,
-                   summary: ConversionSummary) -> int:
-    """leanstep's own BatchNormAct / ABN layers -> InplaceABN (same parameter and buffer
-    objects), where the activation is invertible or ``activation`` is given. An identity one
-    is left: InplaceABN gains nothing there, and an in-place residual sum after it would
-    corrupt the output it saves. Returns how many were converted."""
+def _convert_fused(model: nn.Module, norm: str, activation: str | None,
+                   activation_param: float | None, summary: ConversionSummary) -> int:
+    """leanstep's own fused layers -> ``norm`` (same parameter and buffer objects): for
+    "inplace_abn" BatchNormAct / ABN where the activation is invertible or ``activation`` is
+    given; for "abn" BatchNormAct. An identity one is left: it gains nothing, and an in-place
+    residual sum after an InplaceABN would corrupt the output it saves. Returns the count."""
     from leanstep.layers.norm_act import InplaceABN
+
+    skip = (InplaceABN, SyncBatchNormAct) if norm == "inplace_abn" else (
+        ABN, InplaceABN, SyncBatchNormAct)
 
     count = 0
     for prefix, parent in list(model.named_modules()):
         if isinstance(parent, (SyncBatchNormAct, BatchNormAct)):
             continue
         fused = {name for name, child in parent.named_children()
-                 if isinstance(child, BatchNormAct)
-                 and not isinstance(child, (InplaceABN, SyncBatchNormAct))}
+                 if isinstance(child, BatchNormAct) and not isinstance(child, skip)}
         if not fused:
             continue
         todo = set()
@@ -249,7 +251,7 @@ def _convert_fused(model: nn.Module, activation: str | None, activation_param: f
                 target, param = activation, activation_param
             invertible = target in INVERTIBLE_ACTIVATIONS and not (
                 target == "leaky_relu" and (param if param is not None else 0.01) <= 0)
-            if not invertible:
+            if norm == "inplace_abn" and not invertible:
                 raise ValueError(
                     f"convert_norm_act: {qual} ({type(layer).__name__}) has "
                     f"{_describe(layer.activation_name, layer.activation_param)}, which "
@@ -257,12 +259,14 @@ def _convert_fused(model: nn.Module, activation: str | None, activation_param: f
                     f"change) or use norm='abn' (same outputs)"
                 )
             todo.add(name)
-        for name in sorted(_fused_private(parent, todo, prefix, summary.left) if todo else ()):
+        if norm == "inplace_abn" and todo:
+            todo = _fused_private(parent, todo, prefix, summary.left)
+        for name in sorted(todo):
             layer = parent._modules[name]
             target, param = layer.activation_name, layer.activation_param
             if activation is not None:
                 target, param = activation, activation_param
-            parent._modules[name] = _new_layer(layer, "inplace_abn", target, param)
+            parent._modules[name] = _new_layer(layer, norm, target, param)
             summary.changes_outputs |= (target, param) != (layer.activation_name,
                                                            layer.activation_param)
             summary.converted.append((f"{prefix}.{name}" if prefix else name,
@@ -289,9 +293,7 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
         activation = canonical_activation(activation)
         activation_parameter(activation, activation_param)
     summary = ConversionSummary(norm=norm)
-    fused = 0
-    if norm == "inplace_abn":
-        fused = _convert_fused(model, activation, activation_param, summary)
+    fused = _convert_fused(model, norm, activation, activation_param, summary)
     plans: list[tuple[_Pair, str, float | None]] = []
     relean: list[nn.Module] = []
     graphs: dict[int, tuple[nn.Module, object]] = {}
