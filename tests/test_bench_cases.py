@@ -62,7 +62,8 @@ def test_options_parse_to_python_values():
     (case,) = cases_from_args(
         _args("vgg11_bn", "--checkpoint", "2", "--pre-act", "--option", "dropout=0.25")
     )
-    assert case.options == {"checkpoint": 2, "pre_act": True, "dropout": 0.25}
+    assert case.options == {"pre_act": True, "dropout": 0.25}
+    assert case.checkpoint == 2  # a transform of any model now, not a zoo option
 
 
 @pytest.mark.parametrize("suite", ["seed.toml", "seed-cpu.toml"])
@@ -158,7 +159,10 @@ def _check_seed_suite(cases: list) -> None:
         assert case.key not in used
         used.add(case.key)
         expected = _expected_case(seed_row["name"])
-        assert (case.model, case.options, case.precision) == (
+        options = dict(case.options)  # checkpointing is a transform field now, any model
+        if case.checkpoint is not None:
+            options["checkpoint"] = case.checkpoint
+        assert (case.model, options, case.precision) == (
             expected["model"], expected["options"], expected["precision"]
         ), case.name
         assert (case.runs, case.iters) == (int(seed_row["runs"]), int(seed_row["iters"]))

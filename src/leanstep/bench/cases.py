@@ -25,9 +25,11 @@ __all__ = [
     "IDENTITY_FIELDS",
     "MODEL_OPTION_KEYS",
     "REFERENCE_KEYS",
+    "TRANSFORM_FIELDS",
     "Case",
     "available_cores",
     "build_model",
+    "legacy_row",
     "make_step",
 ]
 
@@ -45,6 +47,8 @@ REFERENCE_KEYS = (
 )
 # Fields that place a case in its suite rather than say what it measures.
 IDENTITY_FIELDS = ("suite", "group", "name", "index", "reference")
+# The model transforms of a case (``leanstep.transforms.apply``), as row columns.
+TRANSFORM_FIELDS = ("lean", "checkpoint", "convert", "convert_activation")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class Case:
     at a larger input than the timing pass, so that activations dominate the peak where timing
     at that size would be too slow (VGG16 on a CPU); a memory image size is square. ``plan``: a
     ``leanstep plan`` (as ``Plan.to_dict``) applied to the model's blocks after it is built.
+
+    ``lean``, ``checkpoint`` (None, "blocks" or N blocks per segment), ``convert`` (None, "abn",
+    "inplace_abn") and ``convert_activation`` (the converted layers' activation): model
+    transforms (``leanstep.transforms.apply``) for any model spec, applied after the build. A
+    ``checkpoint`` model option (older suites and result rows) becomes the ``checkpoint`` field:
+    on a zoo model the transform builds the same model the option did.
     """
 
     suite: str
@@ -85,7 +95,28 @@ class Case:
     memory_batch_size: int | None = None
     memory_image_size: int | None = None
     plan: dict | None = None
+    lean: bool = False
+    checkpoint: None | str | int = None
+    convert: str | None = None
+    convert_activation: str | None = None
     index: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, dict) and "checkpoint" in self.options:
+            options = dict(self.options)
+            value = options.pop("checkpoint")
+            value = None if value == "none" else value
+            if self.checkpoint is not None and value is not None and value != self.checkpoint:
+                raise ValueError(f"checkpoint given twice: {self.checkpoint!r} and model option "
+                                 f"checkpoint={value!r}")
+            object.__setattr__(self, "options", options)
+            if self.checkpoint is None:
+                object.__setattr__(self, "checkpoint", value)
+
+    @property
+    def transformed(self) -> bool:
+        """Whether ``build_model`` transforms the built model (lean, checkpoint, convert)."""
+        return self.lean is True or self.checkpoint is not None or self.convert is not None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -172,7 +203,24 @@ def build_model(case: Case) -> nn.Module:
         from leanstep.planner import Plan
 
         Plan.from_dict(case.plan).apply(model)
+    if case.transformed:
+        from leanstep.transforms import apply
+
+        apply(model, lean=case.lean, checkpoint=case.checkpoint, convert=case.convert,
+              activation=case.convert_activation)
     return model
+
+
+def legacy_row(row: dict) -> dict:
+    """A results row as this version writes it: a ``checkpoint`` model option (rows written
+    before checkpointing became a transform) moved to the ``checkpoint`` column."""
+    options = row.get("options")
+    if not isinstance(options, dict) or "checkpoint" not in options:
+        return row
+    options = dict(options)
+    value = options.pop("checkpoint")
+    return {**row, "options": options,
+            "checkpoint": row.get("checkpoint") if row.get("checkpoint") is not None else value}
 
 
 def make_step(case: Case, model: nn.Module | None = None) -> TrainStep:

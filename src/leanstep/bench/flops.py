@@ -45,10 +45,19 @@ def count_flops(step: TrainStep) -> int:
 
 def count_step_flops(case, fallback: TrainStep | None = None) -> int:
     """FLOPs of ``case``'s step, counted on the meta device; where the model cannot run there
-    (data-dependent operations, autocast), one eager step of ``fallback``."""
+    (data-dependent operations, autocast), one eager step of ``fallback``.
+
+    A ``lean`` case is counted without its lean regions: FlopCounterMode's module hooks change
+    the forward that lean replays, and lean recomputes no convolution or matmul (the ops
+    counted), so the count is the same."""
     import dataclasses
 
     from .cases import make_step
+
+    if getattr(case, "lean", False):
+        case = dataclasses.replace(case, lean=False)
+        if fallback is not None and case.precision != "fp32":
+            fallback = make_step(case)
 
     if case.precision == "fp32":
         try:

@@ -5,6 +5,9 @@ Each check raises ValueError with one line naming the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import torch
 from torch import nn
 
@@ -97,6 +100,48 @@ def _check_runs_at(
             hook.remove()
 
 
+def _check_transforms(case: Case) -> None:
+    """The transform fields: lean true/false, checkpoint None/"blocks"/N, convert a known norm,
+    convert_activation only with convert, and no plan with them (a plan chooses per block)."""
+    from leanstep.layers.activations import canonical_activation
+    from leanstep.transforms.convert import CONVERT_NORMS
+
+    if not isinstance(case.lean, bool):
+        raise ValueError(f"lean must be true or false, got {case.lean!r}")
+    checkpoint = case.checkpoint
+    if checkpoint is not None and checkpoint != "blocks" and not (
+            isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1):
+        raise ValueError(f"checkpoint {checkpoint!r} is not allowed; use none, blocks or an int "
+                         f">= 1 (blocks per recomputed segment)")
+    if case.convert is not None:
+        _check_choice("convert", case.convert, CONVERT_NORMS)
+    if case.convert_activation is not None:
+        if case.convert is None:
+            raise ValueError(f"convert_activation {case.convert_activation!r} is the activation "
+                             f"of converted layers; give convert (abn or inplace_abn) with it")
+        canonical_activation(case.convert_activation)
+    if case.plan is not None and case.transformed:
+        raise ValueError("a plan already chooses lean/checkpoint/inplace_abn per block; give "
+                         "no lean, checkpoint or convert with it")
+
+
+def _check_conversion(case: Case, builder) -> None:
+    """Whether the conversion of a ``module:callable`` model can be done (the library's error,
+    e.g. InplaceABN on ReLU without an activation), on the meta device; a callable that fails
+    to build is left to the case's run."""
+    from leanstep.transforms import convert_norm_act
+
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(case, lean=False, checkpoint=None,
+                                                    convert=None, convert_activation=None))
+    except Exception:  # noqa: BLE001 - calling the callable is the case's own business
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_norm_act(model, norm=case.convert, activation=case.convert_activation)
+
+
 def validate_case(case: Case, *, require_device: bool = True) -> None:
     """Raise ValueError for anything that would make ``case`` fail before it measures.
 
@@ -138,9 +183,12 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
         planned = Plan.from_dict(case.plan)
         if planned.model is not None and planned.model != case.model:
             raise ValueError(f"the plan was made for {planned.model!r}, not {case.model!r}")
+    _check_transforms(case)
     spec = parse_spec(case.model)
     if spec.is_callable:
-        resolve_callable(spec)
+        builder = resolve_callable(spec)
+        if case.convert is not None:
+            _check_conversion(case, builder)
         return
     if spec.kind == "leanstep" and "norm" in case.options and "activation" in case.options:
         from leanstep.layers import check_norm_activation
@@ -149,7 +197,8 @@ def validate_case(case: Case, *, require_device: bool = True) -> None:
     if spec.kind != "leanstep":
         require_package(spec.kind)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a transform's warnings: the case's run says them
             model = build_model(case)
     except TypeError as error:
         raise ValueError(f"bad option for model {case.model!r}: {error}") from None

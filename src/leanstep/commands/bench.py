@@ -77,9 +77,10 @@ def _run_settings(args: argparse.Namespace, suite: Suite) -> Suite:
 def check_resume(suite: Suite, rows: list[dict]) -> None:
     """ValueError (listing the differences) when a case of ``suite`` has a row in the file
     measured with other settings: resuming would mix two experiments in one report."""
+    from leanstep.bench.cases import legacy_row
     from leanstep.bench.results import latest_rows, row_key
 
-    by_key = {row_key(row): row for row in latest_rows(rows)}
+    by_key = {row_key(row): legacy_row(row) for row in latest_rows(rows)}
     differences = []
     for case in suite.cases:
         row = by_key.get(case.key)

@@ -55,6 +55,10 @@ def _parse_checkpoint(text: str, label: str) -> None | str | int:
     return int(text) if re.fullmatch(r"-?\d+", text) else text
 
 
+def _parse_none_or_text(text: str, label: str) -> str | None:
+    return None if text.lower() in ("none", "off") else text
+
+
 def _parse_literal(text: str) -> object:
     lowered = text.lower()
     if lowered == "none":
@@ -131,9 +135,17 @@ AXES = (
     Axis("--norm", "option:norm", _text, "norm+activation layer: bn, abn, inplace_abn, ...",
          "norm"),
     Axis("--activation", "option:activation", _text,
-         "activation name (see `leanstep list activations`)", "activation"),
-    Axis("--checkpoint", "option:checkpoint", _parse_checkpoint,
-         "none, blocks, or N (segments of N blocks)", "checkpoint"),
+         "activation name (see `leanstep list activations`): a zoo model's activation; with "
+         "--convert, the converted layers' activation (any model)", "activation"),
+    Axis("--checkpoint", "checkpoint", _parse_checkpoint,
+         "none, blocks, or N (segments of N blocks) recomputed in backward (any model)",
+         "checkpoint"),
+    Axis("--lean", "lean", parse_bool,
+         "on/off: keep conv/linear outputs, recompute cheap ops in backward (any model, exact)",
+         "lean", nargs="?", const="on", show=lambda value: "on" if value else "off"),
+    Axis("--convert", "convert", _parse_none_or_text,
+         "none, abn or inplace_abn: BatchNorm+activation -> leanstep's fused layer (any model)",
+         "convert"),
     Axis("--pre-act", "option:pre_act", parse_bool, "VGG: norm+act before conv (true/false)",
          "pre_act", nargs="?", const="true"),
     Axis("--bs", "batch_size", parse_int, "batch size", "bs", suite=True),
@@ -266,6 +278,7 @@ def _adhoc(args: argparse.Namespace) -> Suite:
     groups = getattr(args, "group", None) or [args.target]
     if len(groups) > 1:
         raise ValueError(f"an ad hoc run is one group; got --group {' and '.join(groups)}")
+    activation_given = getattr(args, "activation", None) is not None
     cases = []
     for model in models:
         for combination in itertools.product(*(values for *_, values in axes)):
@@ -277,6 +290,9 @@ def _adhoc(args: argparse.Namespace) -> Suite:
                 if len(values) > 1:
                     shown = axis.show(value) if axis and axis.show else _shown(value)
                     label_parts.append(f"{label}={'none' if shown is None else shown}")
+            if fields.get("convert") is not None and activation_given:
+                # With --convert, --activation is the converted layers' activation.
+                fields["convert_activation"] = options.pop("activation")
             cases.append(Case(
                 suite=suite, group=groups[0], name=" ".join(str(p) for p in label_parts),
                 model=model, options=options, index=len(cases), **{**fields, **overrides},

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import sys
 
+from leanstep.bench.cases import TRANSFORM_FIELDS
 from leanstep.bench.max_batch import (
     FIXED_CATEGORIES,
     case_max_batch,
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             first_batch[case.model] = found["batch_size"]
         row = {
             "name": case.name, "model": case.model, "options": case.options,
+            **{key: getattr(case, key) for key in TRANSFORM_FIELDS},
             "variant": _variant_label(case), "image_size": case.image_size,
             "image_width": case.image_hw[1], "size": case.size_label,
             "precision": case.precision, "optimizer": case.optimizer, "loss": case.loss,

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 
+from leanstep.bench.cases import TRANSFORM_FIELDS
 from leanstep.bench.predict import DEVICE_LIKES, PEAK_LABEL, predict_case
 from leanstep.bench.suite import is_suite
 from leanstep.bench.table import print_table
@@ -41,6 +42,7 @@ def _row(case, device_like: str | None, *, strict: bool) -> dict:
     row = {
         "suite": case.suite, "group": case.group, "name": case.name, "model": case.model,
         "options": case.options,
+        **{key: getattr(case, key) for key in TRANSFORM_FIELDS},
         "batch_size": at.batch_size,
         "image_size": at.image_size, "image_width": at.image_hw[1], "size": at.size_label,
         "precision": case.precision, "optimizer": case.optimizer, "loss": case.loss,

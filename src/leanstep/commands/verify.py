@@ -5,12 +5,15 @@ combination of the comma lists, gives each the first one's weights and compares 
 step with the first's (``leanstep.bench.verify``). ``--precision`` runs each variant in the named
 precision, and ``--mode``, ``--channels-last``, ``--compile``, ``--optimizer`` and ``--loss`` as
 they say, each compared with the float64 eager step of the first variant at a tolerance that
-scales with the precision. Exit code 1 if a difference exceeds the tolerance.
+scales with the precision. When the first variant is transformed (``--lean``,
+``--checkpoint``, ``--convert``), the untouched model is the reference. Exit code 1 if a
+difference exceeds the tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from leanstep.bench.cases import build_model
@@ -79,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance!r}")
     _refuse_timing_options(args)
     cases = list(suite_from_args(args).cases)
+    if cases and cases[0].transformed:
+        # --lean / --checkpoint / --convert: compared against the untouched model.
+        first = cases[0]
+        cases.insert(0, dataclasses.replace(
+            first, lean=False, checkpoint=None, convert=None, convert_activation=None,
+            name=f"{first.model} untouched"))
     settings = [_settings(case, args.precision is not None) for case in cases]
     for case in cases:
         validate_case(case, require_device=False)

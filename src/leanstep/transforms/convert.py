@@ -27,7 +27,7 @@ from torch import nn
 
 from leanstep.layers import INVERTIBLE_ACTIVATIONS, get_norm_act
 from leanstep.layers.activations import activation_parameter, canonical_activation
-from leanstep.layers.norm_act import BatchNormAct
+from leanstep.layers.norm_act import ABN, BatchNormAct
 from leanstep.layers.sync import SyncBatchNormAct
 
 from .outside import lean_outside, remove_outside
@@ -190,6 +190,91 @@ def _rebind(parent: nn.Module, graph) -> None:
         parent.forward = forward
 
 
+def _fused_private(parent: nn.Module, names: set[str], prefix: str, left: list) -> set[str]:
+    """Of the fused children ``names`` of ``parent``, those whose input nothing else reads
+    (a plain Sequential's children; else seen by tracing the forward one level)."""
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        return set(names)
+    try:
+        graph = trace_one_level(parent)
+    except Exception as error:  # noqa: BLE001 - any tracing failure: leave these layers
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        for name in sorted(names):
+            left.append((f"{prefix}.{name}" if prefix else name,
+                         f"forward of {type(parent).__name__} cannot be traced ({reason})"))
+        return set()
+    private, calls = set(), {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in names:
+            calls[node.target] = calls.get(node.target, 0) + 1
+            source = node.args[0] if node.args else None
+            if isinstance(source, torch.fx.Node) and len(source.users) == 1:
+                private.add(node.target)
+    for name in sorted(names):
+        qual = f"{prefix}.{name}" if prefix else name
+        if calls.get(name, 0) > 1:
+            private.discard(name)
+            left.append((qual, "called more than once in the forward"))
+        elif name not in private:
+            left.append((qual, "its input is read elsewhere: InplaceABN would overwrite it"))
+    return private
+
+
+def _convert_fused(model: nn.Module, norm: str, activation: str | None,
+                   activation_param: float | None, summary: ConversionSummary) -> int:
+    """leanstep's own fused layers -> ``norm`` (same parameter and buffer objects): for
+    "inplace_abn" BatchNormAct / ABN where the activation is invertible or ``activation`` is
+    given; for "abn" BatchNormAct. An identity one is left: it gains nothing, and an in-place
+    residual sum after an InplaceABN would corrupt the output it saves. Returns the count."""
+    from leanstep.layers.norm_act import InplaceABN
+
+    skip = (InplaceABN, SyncBatchNormAct) if norm == "inplace_abn" else (
+        ABN, InplaceABN, SyncBatchNormAct)
+
+    count = 0
+    for prefix, parent in list(model.named_modules()):
+        if isinstance(parent, (SyncBatchNormAct, BatchNormAct)):
+            continue
+        fused = {name for name, child in parent.named_children()
+                 if isinstance(child, BatchNormAct) and not isinstance(child, skip)}
+        if not fused:
+            continue
+        todo = set()
+        for name in sorted(fused):
+            layer = parent._modules[name]
+            qual = f"{prefix}.{name}" if prefix else name
+            if layer.activation_name == "identity":
+                summary.left.append((qual, "fused layer without activation (identity)"))
+                continue
+            target, param = layer.activation_name, layer.activation_param
+            if activation is not None:
+                target, param = activation, activation_param
+            invertible = target in INVERTIBLE_ACTIVATIONS and not (
+                target == "leaky_relu" and (param if param is not None else 0.01) <= 0)
+            if norm == "inplace_abn" and not invertible:
+                raise ValueError(
+                    f"convert_norm_act: {qual} ({type(layer).__name__}) has "
+                    f"{_describe(layer.activation_name, layer.activation_param)}, which "
+                    f"InplaceABN cannot invert; pass activation='leaky_relu' (or 'elu'; outputs "
+                    f"change) or use norm='abn' (same outputs)"
+                )
+            todo.add(name)
+        if norm == "inplace_abn" and todo:
+            todo = _fused_private(parent, todo, prefix, summary.left)
+        for name in sorted(todo):
+            layer = parent._modules[name]
+            target, param = layer.activation_name, layer.activation_param
+            if activation is not None:
+                target, param = activation, activation_param
+            parent._modules[name] = _new_layer(layer, norm, target, param)
+            summary.changes_outputs |= (target, param) != (layer.activation_name,
+                                                           layer.activation_param)
+            summary.converted.append((f"{prefix}.{name}" if prefix else name,
+                                      _describe(target, param)))
+            count += 1
+    return count
+
+
 def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None = None,
                      activation_param: float | None = None) -> ConversionSummary:
     """Replace every BatchNorm(1d/2d/3d) followed by an activation with leanstep's ``norm``
@@ -208,6 +293,7 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
         activation = canonical_activation(activation)
         activation_parameter(activation, activation_param)
     summary = ConversionSummary(norm=norm)
+    fused = _convert_fused(model, norm, activation, activation_param, summary)
     plans: list[tuple[_Pair, str, float | None]] = []
     relean: list[nn.Module] = []
     graphs: dict[int, tuple[nn.Module, object]] = {}
@@ -258,6 +344,13 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
     if not plans:
         for parent in relean:
             lean_outside(parent, summary.notes)
+        if fused:
+            if summary.changes_outputs:
+                warnings.warn(f"convert_norm_act: activation replaced by {activation!r}: the "
+                              f"model's outputs change (pretrained weights expect the old "
+                              f"activation)", stacklevel=2)
+            _remember("convert", summary)
+            return summary
         bns = sum(isinstance(m, _BN) and not isinstance(m, BatchNormAct) for m in model.modules())
         warnings.warn(f"convert_norm_act: nothing to convert in {type(model).__name__} "
                       f"({bns} BatchNorm(s), {len(summary.left)} left); model returned unchanged",
