@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from reference_data import load
 from torch import nn
 
 from leanstep.models import create_model
 from leanstep.models import pretrained as pretrained_module
-
-REFERENCE_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dicts.json"
 
 # name: (channels, reductions) of every feature point, as timm defines them.
 TIMM_FEATURES = {
@@ -171,10 +168,8 @@ def test_features_only_with_checkpointing_equals_plain_in_float64(name, size, kw
 
 @pytest.mark.parametrize("name", list(TIMM_WIDTHS))
 def test_num_classes_0_in_chans_1_counts_equal_reference_arithmetic(name):
-    if not REFERENCE_FILE.exists():
-        pytest.skip(f"reference file {REFERENCE_FILE} not present")
     reference_name = TIMM_NAMES.get(name, name)
-    entry = json.loads(REFERENCE_FILE.read_text())[reference_name]
+    entry = load("state_dicts.json")[reference_name]
     shapes = entry["state_dict"]
     head, stem = HEAD_AND_STEM[reference_name]
     head_params = sum(torch.Size(shapes[k]).numel() for k in head)
