@@ -28,7 +28,7 @@ from leanstep.layers import get_activation, get_norm_act
 
 from .checkpointing import GradCheckpointing, stage
 from .features import TimmApiMixin
-from .heads import GlobalPool, check_drop_rate, check_head, classifier
+from .heads import GlobalPool, check_drop_rate, classifier
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -163,6 +163,8 @@ class EfficientNet(TimmApiMixin, GradCheckpointing, nn.Module):
     ``set_grad_checkpointing``.
     """
 
+    _pool_attr, _classifier_attr, _stem_attr = "global_pool", "classifier", "conv_stem"
+
     def __init__(
         self,
         width_multiplier: float,
@@ -265,18 +267,6 @@ class EfficientNet(TimmApiMixin, GradCheckpointing, nn.Module):
         self._check_not_features_only("forward_head")
         x = self.dropout(self.global_pool(x))
         return x if pre_logits else self.classifier(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new, freshly initialised ``classifier`` for ``num_classes`` (0: none), as timm."""
-        self._check_not_features_only("reset_classifier")
-        pool = self.global_pool.pool_type if global_pool is None else global_pool
-        check_head(num_classes, pool)
-        self.num_classes = num_classes
-        self.global_pool = GlobalPool(pool)
-        self.classifier = classifier(self.num_features, num_classes, like=self.conv_stem.weight)
 
     def _forward_intermediates(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
         x = self.bn1(self.conv_stem(x))

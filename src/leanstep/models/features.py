@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .heads import GlobalPool, check_head, classifier
+
 __all__ = ["FeatureInfo", "as_features", "check_out_indices"]
 
 
@@ -112,6 +114,9 @@ class TimmApiMixin:
     """
 
     features_only = False
+    # A pooled linear head (ResNet, EfficientNet) names its parts here; VGG's MLP head defines
+    # its own ``get_classifier`` / ``reset_classifier``.
+    _pool_attr = _classifier_attr = _stem_attr = ""
 
     def forward(self, x: torch.Tensor):
         if self.features_only:
@@ -124,3 +129,17 @@ class TimmApiMixin:
                 f"{what} is not available on a features_only model (its head was removed); "
                 f"call model(x) for the list of feature maps"
             )
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self._classifier_attr)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: none), as timm."""
+        self._check_not_features_only("reset_classifier")
+        pool = getattr(self, self._pool_attr).pool_type if global_pool is None else global_pool
+        check_head(num_classes, pool)
+        self.num_classes = num_classes
+        setattr(self, self._pool_attr, GlobalPool(pool))
+        stem = getattr(self, self._stem_attr)
+        setattr(self, self._classifier_attr,
+                classifier(self.num_features, num_classes, like=stem.weight))

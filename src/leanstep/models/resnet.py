@@ -24,7 +24,7 @@ from leanstep.layers import get_activation, get_norm_act
 
 from .checkpointing import GradCheckpointing, stage
 from .features import TimmApiMixin
-from .heads import GlobalPool, check_head, classifier
+from .heads import GlobalPool, classifier
 from .stochastic_depth import DropPath
 
 __all__ = [
@@ -140,6 +140,8 @@ class ResNet(TimmApiMixin, GradCheckpointing, nn.Module):
     backward divides by gamma, and a zero gamma would make it keep a copy of its input.
     """
 
+    _pool_attr, _classifier_attr, _stem_attr = "avgpool", "fc", "conv1"
+
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -224,18 +226,6 @@ class ResNet(TimmApiMixin, GradCheckpointing, nn.Module):
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new, freshly initialised ``fc`` for ``num_classes`` (0: none), as timm."""
-        self._check_not_features_only("reset_classifier")
-        pool = self.avgpool.pool_type if global_pool is None else global_pool
-        check_head(num_classes, pool)
-        self.num_classes = num_classes
-        self.avgpool = GlobalPool(pool)
-        self.fc = classifier(self.num_features, num_classes, like=self.conv1.weight)
 
     def _forward_intermediates(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
         x = self.bn1(self.conv1(x))
