@@ -82,6 +82,13 @@ def _launch(workdir: Path, out: Path, *args: str) -> subprocess.CompletedProcess
                           env=environ, cwd=workdir)
 
 
+def _launch_report(completed: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed launch printed (rank 0's summary lines tell how far it got)."""
+    rows = out.read_text().count("\n") if out.exists() else "no"
+    return (f"{rows} rows written\nstdout:\n{completed.stdout[-1500:]}\n"
+            f"stderr:\n{completed.stderr[:3000]}")
+
+
 def _rows(out: Path) -> dict[str, dict]:
     return {row["options"]["norm"]: row for row in map(json.loads, out.read_text().splitlines())}
 
@@ -91,7 +98,7 @@ def launched(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ddp")
     out = workdir / "ddp.jsonl"
     completed = _launch(workdir, out, "--norm", "inplace_abn,inplace_abn_sync")
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, _launch_report(completed, out)
     return workdir, _rows(out)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -311,6 +312,11 @@ def run_ddp(cases: list[Case], out: str | Path, launch: Launch | None = None) ->
         if launch.rank == 0:
             render_table(rows)
             print(f"results: {out}", flush=True)
+        # Every rank tears the group down together, once nothing of a case is left to free:
+        # a rank that closes its connections while a peer still holds work in flight can abort
+        # in gloo's teardown, after every row was written.
+        gc.collect()
+        dist.barrier()
         return 0
     finally:
         if results is not None:
