@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections import defaultdict
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,48 @@ except ImportError:  # pragma: no cover - older torch
     _IGNORED = {_aten.detach.default}
 
 
+# Training-mode batch norms (out, batch mean, batch inverse std): a lean region keeps the two
+# per-channel statistics and recomputes only their application, one pass over the input instead
+# of a reduction and a pass.
+_BATCH_NORMS = {getattr(_aten, name).default for name in ("native_batch_norm",
+                                                           "_native_batch_norm_legit")
+                if hasattr(_aten, name)}
+# An op whose output is this many times smaller than its largest input (a global pool, a
+# squeeze-excite gate) is kept: it costs little memory and saves a pass over the large input.
+SMALL_OUTPUT_RATIO = 16
+_ALIASING: dict = {}
+
+
+def _small_output(func, out: torch.Tensor, args: tuple) -> bool:
+    aliasing = _ALIASING.get(func)
+    if aliasing is None:  # views and in-place ops would keep (or change) their input's storage
+        schema = func._schema
+        aliasing = _ALIASING[func] = schema.is_mutable or any(
+            r.alias_info is not None for r in schema.returns)
+    if aliasing:
+        return False
+    largest = max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
+    return out.numel() * SMALL_OUTPUT_RATIO <= largest
+
+
+@dataclass(frozen=True)
+class _BatchStats:
+    """The batch mean and inverse std that a training-mode batch norm computed in forward."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+
+    def apply(self, func, args: tuple, kwargs: dict):
+        """The batch norm's output from these statistics, bit for bit: an evaluation-mode batch
+        norm with weight ``invstd * weight``, variance 1 and eps 0 computes the training
+        kernel's ``x * (invstd * weight) + (bias - mean * invstd * weight)`` exactly."""
+        x, weight, bias = args[0], args[1], args[2]
+        scale = self.invstd if weight is None else self.invstd * weight
+        out = _aten.native_batch_norm.default(x, scale, bias, self.mean,
+                                              torch.ones_like(self.invstd), False, 0.0, 0.0)[0]
+        return out, self.mean, self.invstd
+
+
 def _detach(tensor: torch.Tensor) -> torch.Tensor:
     """A detached alias that shares the version counter (so later writes are seen)."""
     with exclude_dispatch_key("ADInplaceOrView"):
@@ -66,7 +108,6 @@ class _Store:
 
     def __init__(self, name: str):
         self.name = name
-        self.counts: dict = {}
         self.sequence: list = []
         self.entries: dict = {}
         self.kept = 0
@@ -84,30 +125,37 @@ class _Store:
 
 
 class _KeepMode(dispatch_mode_class()):
-    """Forward pass: keep the outputs of ``KEEP_OPS``; count every op for the recompute."""
+    """Forward pass: keep the outputs of ``KEEP_OPS`` (and batch statistics, small outputs);
+    record every op, so that the recompute can check it runs the same ones."""
 
     def __init__(self, store: _Store):
         super().__init__()
         self.store = store
-        self.counter: dict = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in _IGNORED or self.store.paused:
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        store = self.store
+        if store.paused or func in _IGNORED:
             return out
-        index = self.counter[func]
-        self.counter[func] += 1
-        self.store.sequence.append(func)
-        if func in KEEP_OPS and isinstance(out, torch.Tensor):
-            self.store.entries[(func, index)] = (_detach(out), out._version)
+        position = len(store.sequence)
+        store.sequence.append(func)
+        if func in KEEP_OPS:
+            if isinstance(out, torch.Tensor):
+                store.entries[position] = (_detach(out), out._version)
+        elif func in _BATCH_NORMS:
+            # Training on the CPU: keep the batch statistics, recompute only their application
+            # (whose bits ``_BatchStats.apply`` reproduces with the CPU kernel).
+            if args[5] and out[0].device.type == "cpu":
+                store.entries[position] = (_BatchStats(_detach(out[1]), _detach(out[2])), None)
+        elif isinstance(out, torch.Tensor) and _small_output(func, out, args):
+            store.entries[position] = (_detach(out), out._version)
         return out
 
     def __exit__(self, *exc):
-        self.store.counts = dict(self.counter)
         # A kept output overwritten later in the region (conv -> in-place ReLU / InplaceABN) is
         # recomputed instead: holding it would keep memory for a value that no longer exists.
         for key, (tensor, version) in list(self.store.entries.items()):
-            if tensor._version != version:
+            if version is not None and tensor._version != version:
                 del self.store.entries[key]
                 self.store.overwritten += 1
         self.store.kept = len(self.store.entries)
@@ -120,28 +168,29 @@ class _ReplayMode(dispatch_mode_class()):
     def __init__(self, store: _Store):
         super().__init__()
         self.store = store
-        self.counter: dict = defaultdict(int)
         self.position = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _IGNORED or self.store.paused:
-            return func(*args, **kwargs)
-        index = self.counter[func]
-        self.counter[func] += 1
-        sequence, position = self.store.sequence, self.position
+        store = self.store
+        if store.paused or func in _IGNORED:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        sequence, position = store.sequence, self.position
         self.position += 1
         if position >= len(sequence) or sequence[position] is not func:
             expected = sequence[position] if position < len(sequence) else "nothing more"
             raise RuntimeError(
-                f"leanstep.lean: block {self.store.name!r} ran {func} where its forward pass "
+                f"leanstep.lean: block {store.name!r} ran {func} where its forward pass "
                 f"ran {expected} (op {position}): its forward depends on data or global state, "
                 f"which lean cannot replay; use checkpoint_blocks or leave it plain"
             )
-        entry = self.store.entries.pop((func, index), None)
-        if entry is not None and entry[0]._version == entry[1]:
-            return entry[0]
-        return func(*args, **kwargs)
+        entry = store.entries.pop(position, None)
+        if entry is not None:
+            kept, version = entry
+            if version is None:
+                return kept.apply(func, args, kwargs)
+            if kept._version == version:
+                return kept
+        return func(*args, **kwargs) if kwargs else func(*args)
 
 
 @contextlib.contextmanager
@@ -160,8 +209,16 @@ def _copies(values: tuple) -> tuple:
     return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
 
 
+def _aliases(values: tuple) -> tuple:
+    return tuple(v.view_as(v) if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def _versions(tensors) -> list[int]:
     return [t._version for t in tensors]
+
+
+# Whether a region writes over its inputs, learned once: first module -> {region: bool}.
+_WRITES_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name: str,
@@ -173,7 +230,9 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
     norm_buffers = {id(b) for m in modules for n in m.modules() if isinstance(n, _BatchNorm)
                     for b in n.buffers(recurse=False)}
     calls = 0
-    writes_inputs = False
+    learned = _WRITES_INPUTS.setdefault(modules[0], {})
+    key = (len(modules), lean, name)  # regions may nest, sharing their first module
+    writes_inputs = learned.get(key, True)
     stateful: list[torch.Tensor] = []
     store = _Store(name)
 
@@ -181,12 +240,21 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
         nonlocal calls, writes_inputs, stateful
         calls += 1
         if calls == 1:
-            with store.pause():
-                copies = _copies(inputs)
-            tensors = [t for t in copies if isinstance(t, torch.Tensor)]
+            # Copies of the inputs only for a region that writes them (learned on its first
+            # training step, then checked on every step by the version counters).
+            with store.pause():  # aliases otherwise: what hooks see is then as with copies
+                inputs = _copies(inputs) if writes_inputs else _aliases(inputs)
+            tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
             before, buffers_before = _versions(tensors), _versions(buffers)
-            output = fn(*copies, **kw)
-            writes_inputs = before != _versions(tensors)
+            output = fn(*inputs, **kw)
+            wrote = before != _versions(tensors)
+            if wrote and not writes_inputs:
+                raise RuntimeError(
+                    f"leanstep: region {name!r} wrote over its input in this step but not in "
+                    f"its first one, so its recompute would start from the wrong values; its "
+                    f"forward depends on data or global state: use checkpoint_blocks or leave "
+                    f"it plain")
+            writes_inputs = learned[key] = wrote
             # BatchNorm's kernels update their statistics without a version bump.
             stateful = [b for b, v in zip(buffers, buffers_before, strict=True)
                         if b._version != v or id(b) in norm_buffers]
