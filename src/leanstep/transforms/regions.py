@@ -13,11 +13,14 @@ are those of the plain model. Two modes:
   element-wise, pooling, gating). Unlike torch's selective checkpointing it accepts in-place
   ops: a kept output that is overwritten afterwards (a conv followed by an in-place ReLU or an
   InplaceABN, an output mutated outside the region) is not handed back stale but recomputed.
+  Training-mode batch norms keep their batch statistics (re-applied, bit for bit, on the CPU)
+  and ops whose output is far smaller than their input (global pools) keep that output.
 
 Both keep BatchNorm running statistics (and any buffer the forward updates) updated once per
 step: the buffers the first forward changes are restored after every recompute. The region's
-inputs are copied for the first run, so a region that writes over its input (InplaceABN, an
-in-place activation) cannot corrupt what the recompute starts from. In eval mode or under
+inputs are copied for the first run if it writes over them (InplaceABN, an in-place
+activation; learned on the region's first step, checked on every later one), so the recompute
+starts from what the forward started from. In eval mode or under
 ``no_grad`` a region is the plain forward.
 """
 
