@@ -38,8 +38,8 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from leanstep.bench._torch_internals import dispatch_mode_class, exclude_dispatch_key
 
-__all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
-           "run_region"]
+__all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "lean_modes_active",
+           "region_state", "run_region"]
 
 _aten = torch.ops.aten
 # Ops whose outputs a lean region keeps: everything else is recomputed in backward.
@@ -100,6 +100,25 @@ class _BatchStats:
         return out, self.mean, self.invstd
 
 
+_ACTIVE = [0]  # lean dispatch modes entered and not yet exited (forward or recompute)
+
+
+def lean_modes_active() -> bool:
+    """Whether an op running now runs under a lean region's dispatch mode (and pays for it):
+    the planner's time estimate counts these ops."""
+    return _ACTIVE[0] > 0
+
+
+class _Counted:
+    def __enter__(self):
+        _ACTIVE[0] += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE[0] -= 1
+        return super().__exit__(*exc)
+
+
 def _detach(tensor: torch.Tensor) -> torch.Tensor:
     """A detached alias that shares the version counter (so later writes are seen)."""
     with exclude_dispatch_key("ADInplaceOrView"):
@@ -127,7 +146,7 @@ class _Store:
             self.paused = False
 
 
-class _KeepMode(dispatch_mode_class()):
+class _KeepMode(_Counted, dispatch_mode_class()):
     """Forward pass: keep the outputs of ``KEEP_OPS`` (and batch statistics, small outputs);
     record every op, so that the recompute can check it runs the same ones."""
 
@@ -165,7 +184,7 @@ class _KeepMode(dispatch_mode_class()):
         return super().__exit__(*exc)
 
 
-class _ReplayMode(dispatch_mode_class()):
+class _ReplayMode(_Counted, dispatch_mode_class()):
     """Recompute: hand back the kept outputs, run everything else."""
 
     def __init__(self, store: _Store):
