@@ -100,6 +100,19 @@ class _BatchStats:
         return out, self.mean, self.invstd
 
 
+_NORM_LIKE: dict = {}
+
+
+def _norm_like(func) -> bool:
+    """Ops that may update running statistics in place, unseen by version counters (every
+    batch-norm forward overload: native, cudnn, miopen, out=, update_stats)."""
+    like = _NORM_LIKE.get(func)
+    if like is None:
+        name = func._overloadpacket.__name__
+        like = _NORM_LIKE[func] = "batch_norm" in name and "backward" not in name
+    return like
+
+
 _ACTIVE = [0]  # lean dispatch modes entered and not yet exited (forward or recompute)
 
 
@@ -134,6 +147,8 @@ class _Store:
         self.entries: dict = {}
         self.kept = 0
         self.overwritten = 0
+        self.norm_calls = 0  # batch norms the forward ran, and those whose statistics it kept
+        self.norm_kept = 0
         self.paused = False
 
     @contextlib.contextmanager
@@ -169,6 +184,9 @@ class _KeepMode(_Counted, dispatch_mode_class()):
             # (whose bits ``_BatchStats.apply`` reproduces with the CPU kernel).
             if args[5] and out[0].device.type == "cpu":
                 store.entries[position] = (_BatchStats(_detach(out[1]), _detach(out[2])), None)
+                store.norm_kept += 1
+        if _norm_like(func):
+            store.norm_calls += 1
         elif isinstance(out, torch.Tensor) and _small_output(func, out, args):
             store.entries[position] = (_detach(out), out._version)
         return out
@@ -277,9 +295,11 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
                     f"forward depends on data or global state: use checkpoint_blocks or leave "
                     f"it plain")
             writes_inputs = learned[key] = wrote
-            # BatchNorm's kernels update their statistics without a version bump.
+            # BatchNorm's kernels update their statistics without a version bump; a lean
+            # recompute that re-applies every norm's kept statistics runs none of them.
+            replayed = lean and store.norm_calls == store.norm_kept
             stateful = [b for b, v in zip(buffers, buffers_before, strict=True)
-                        if b._version != v or id(b) in norm_buffers]
+                        if b._version != v or (id(b) in norm_buffers and not replayed)]
             return output
         if writes_inputs:
             with store.pause():
