@@ -253,3 +253,19 @@ def test_default_rates_roofline():
     # ops under a lean region's dispatch mode pay m each on top
     assert rates.seconds(Work(bytes=2e8, ops=4, mode_ops=10)) == pytest.approx(
         2.000004 + 10 * rates.mode_op)
+
+
+def test_cpu_default_flops_follow_the_threads():
+    from leanstep.planner.cost import CPU_FLOPS_PER_THREAD, default_rates
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = default_rates("cpu")
+        torch.set_num_threads(2)
+        two = default_rates("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert one.flops == CPU_FLOPS_PER_THREAD and two.flops == 2 * CPU_FLOPS_PER_THREAD
+    assert "2 threads" in two.source
+    assert default_rates("cuda").flops == 20e12  # a GPU's default does not follow CPU threads

@@ -147,10 +147,10 @@ def _progress(message: str) -> None:
 
 
 def _rates(args, options: dict, batch_size: int, size: tuple[int, int], device_like: str):
-    from leanstep.planner.cost import DEFAULT_RATES, calibrate
+    from leanstep.planner.cost import calibrate, default_rates
 
     if not args.calibrate:
-        return DEFAULT_RATES[device_like]
+        return default_rates(device_like)
     import torch
 
     from leanstep.bench.specs import build_from_spec

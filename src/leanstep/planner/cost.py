@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -32,7 +32,7 @@ from leanstep.bench._torch_internals import dispatch_mode_class
 
 from .trace import Work, _flop_formulas, _nbytes, _returns_tensor
 
-__all__ = ["DEFAULT_RATES", "ESTIMATE", "Rates", "calibrate"]
+__all__ = ["DEFAULT_RATES", "ESTIMATE", "Rates", "calibrate", "default_rates"]
 
 ESTIMATE = (
     "estimated step time: every operation of the traced step (recomputation included) costs "
@@ -70,13 +70,27 @@ class Rates:
         return asdict(self)
 
 
-# Typical throughputs where nothing was measured: a few server CPU cores; a recent GPU in fp32.
+# Typical throughputs where nothing was measured. CPU: convolutions reach about 16 GFLOP/s per
+# thread on AVX2 cores with oneDNN (measured here: 32 GFLOP/s on 2 threads), so F follows
+# ``torch.get_num_threads()``; a recent GPU in fp32.
+CPU_FLOPS_PER_THREAD = 16e9
 DEFAULT_RATES = {
-    "cpu": Rates(flops=100e9, bytes=10e9, op=5e-6, source="cpu defaults; --calibrate measures"),
+    "cpu": Rates(flops=CPU_FLOPS_PER_THREAD, bytes=10e9, op=5e-6,
+                 source="cpu defaults, F per thread; --calibrate measures"),
     "cuda": Rates(
         flops=20e12, bytes=1e12, op=8e-6, source="cuda defaults; --calibrate measures"
     ),
 }
+
+
+def default_rates(device_like: str) -> Rates:
+    """The defaults for a device kind; on the CPU, F is scaled to this process's threads."""
+    rates = DEFAULT_RATES[device_like if device_like in DEFAULT_RATES else "cpu"]
+    if device_like != "cuda":
+        threads = torch.get_num_threads()
+        rates = replace(rates, flops=CPU_FLOPS_PER_THREAD * threads,
+                        source=f"cpu defaults for {threads} threads; --calibrate measures")
+    return rates
 
 
 class _OpTimer(dispatch_mode_class()):
@@ -163,7 +177,7 @@ def calibrate(step, *, repeats: int = 3) -> Rates:
         step()
     # The timer's own per-op cost is in every measured op: take what a tiny op measures out.
     tiny = _timed_tiny_op(device, timer)
-    defaults = DEFAULT_RATES[device.type if device.type in DEFAULT_RATES else "cpu"]
+    defaults = default_rates(device.type)
     other_s = max(timer.other[0] - timer.other[2] * tiny, 1e-9)
     moved = timer.other[1] / other_s if timer.other[1] else defaults.bytes
     # F from the compute ops that bandwidth does not explain (bytes / B under half their time).

@@ -35,7 +35,7 @@ from leanstep.bench.step import PRECISIONS
 
 from .choices import CHOICES, apply_assignment
 from .compose import Table
-from .cost import DEFAULT_RATES, Rates
+from .cost import Rates, default_rates
 from .solve import fastest, smallest_peak
 from .step import OPTIMIZERS, parse_input_size
 from .trace import FakeStep, Trace
@@ -470,7 +470,7 @@ def plan(
         progress(f"tracing every block {choice} ({number}/{len(choices)})")
         traces[choice] = context.trace([choice] * len(names), batch_size)
     table = Table.from_traces(names, traces, batch_size)
-    rates = rates or DEFAULT_RATES[device_like]
+    rates = rates or default_rates(device_like)
     seconds = {c: [rates.seconds(w) for w in table.work[c]] for c in choices}
     allowed = [list(choices)] * len(names)
 
