@@ -185,10 +185,10 @@ class _KeepMode(_Counted, dispatch_mode_class()):
             if args[5] and out[0].device.type == "cpu":
                 store.entries[position] = (_BatchStats(_detach(out[1]), _detach(out[2])), None)
                 store.norm_kept += 1
-        if _norm_like(func):
-            store.norm_calls += 1
         elif isinstance(out, torch.Tensor) and _small_output(func, out, args):
             store.entries[position] = (_detach(out), out._version)
+        if _norm_like(func):
+            store.norm_calls += 1
         return out
 
     def __exit__(self, *exc):
