@@ -23,6 +23,8 @@ convenient) and get best-effort gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,24 +48,29 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _affine(weight, bias, like):
-    """gamma and beta in ``like``'s dtype (1 and 0 without affine parameters)."""
-    gamma = weight.detach().to(like.dtype) if weight is not None else torch.ones_like(like)
-    beta = bias.detach().to(like.dtype) if bias is not None else torch.zeros_like(like)
+    """gamma and beta with ``like``'s dtype and device (1 and 0 without affine parameters)."""
+    dtype, channels, device = like.dtype, like.shape[-1], like.device
+    gamma = (weight if weight is not None else torch.ones(channels, device=device)).to(dtype)
+    beta = (bias if bias is not None else torch.zeros(channels, device=device)).to(dtype)
     return gamma, beta
+
+
+# sqrt(smallest normal) per dtype: finfo is not free, and this runs twice per layer and step.
+_TINY = {dtype: torch.finfo(dtype).tiny ** 0.5
+         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def tiny_gamma(gamma):
     """Where |gamma| is below sqrt of the dtype's smallest normal (0 and subnormals included):
     there y = gamma * xhat + beta underflows, 1 / gamma may overflow and the rebuilt channel's
     weight gamma^2 * invstd underflows, so nothing of xhat can be rebuilt from y."""
-    return gamma.abs() < torch.finfo(gamma.dtype).tiny ** 0.5
+    return gamma.abs() < _TINY[gamma.dtype]
 
 
 def _condition(gamma, beta):
     """|beta / gamma| per channel; +inf (ranked worst) where gamma is tiny or the ratio is nan."""
-    ratio = beta.abs() / gamma.abs()
-    ill = tiny_gamma(gamma) | ratio.isnan()
-    return torch.where(ill, torch.full_like(ratio, float("inf")), ratio)
+    ratio = torch.where(tiny_gamma(gamma), math.inf, (beta / gamma).abs())
+    return ratio.nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 class InplaceABNFunction(torch.autograd.Function):
@@ -80,10 +87,8 @@ class InplaceABNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, momentum, eps,
                 activation, slope, protect, unprotected, group):
         channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
         acc = stats_dtype(x.dtype)
-        ones = torch.ones(channels, dtype=acc, device=x.device)
-        gamma, beta = _affine(weight, bias, ones)
+        gamma, beta = _affine(weight, bias, x.new_empty((0, channels), dtype=acc))
         ratio = _condition(gamma, beta)
         protect = min(protect, channels)
         if activation != "elu":  # judged on the weights alone: copy before x is overwritten
@@ -95,10 +100,11 @@ class InplaceABNFunction(torch.autograd.Function):
                                               factor, momentum)
             y = None
         else:
-            count = torch.full((), x.numel() // channels, dtype=acc, device=x.device)
+            count = None
             if factor is not None:
                 # momentum=None: a cumulative average whose weight is a device scalar; the
                 # native kernel takes the weight as a host float, which would be a sync.
+                dims = [0, *range(2, x.dim())]
                 var, batch_mean = torch.var_mean(x.to(acc), dim=dims, correction=1)
                 running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
                 running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
@@ -117,7 +123,8 @@ class InplaceABNFunction(torch.autograd.Function):
                 momentum if momentum is not None else 0.0, eps,
                 out=y, save_mean=mean, save_invstd=invstd,
             )
-            mean, invstd = mean.to(acc), invstd.to(acc)
+            if mean.dtype != acc:
+                mean, invstd = mean.to(acc), invstd.to(acc)
         if activation == "elu":
             if y is None:  # synchronised statistics: y's minimum from the input's extremes
                 low, high = _aminmax(x)
@@ -126,8 +133,7 @@ class InplaceABNFunction(torch.autograd.Function):
                                              scale * (high.to(acc) - mean))
             else:
                 y_min = _aminmax(y)[0].to(acc)
-            ratio = torch.where(y_min < -ELU_SATURATION, torch.full_like(ratio, float("inf")),
-                                ratio)
+            ratio = torch.where(y_min < -ELU_SATURATION, math.inf, ratio)
             index, copy = _protect(x, ratio, protect, unprotected)
 
         if group is not None:
@@ -155,33 +161,40 @@ class InplaceABNFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         z, weight, bias, mean, invstd, index, copy, count = ctx.saved_tensors
-        channels = z.shape[1]
-        shape = [1, channels] + [1] * (z.dim() - 2)
-        acc = mean.dtype
-        # Undo the activation: y = act^-1(z), dy = dL/dy.
-        if ctx.activation == "leaky_relu":
-            y = F.leaky_relu(z, 1.0 / ctx.slope)
-            dy = torch.ops.aten.leaky_relu_backward(grad_output, z, ctx.slope, True)
-        elif ctx.activation == "elu":
-            y = torch.where(z >= 0, z, torch.log1p(z / ctx.slope))
-            dy = torch.ops.aten.elu_backward(grad_output, ctx.slope, 1, 1, True, z)
-        else:
-            y = z.clone()
-            dy = grad_output
+        activation, slope = ctx.activation, ctx.slope
         gamma, beta = _affine(weight, bias, mean)
-        if index.numel() and ctx.activation != "identity":
-            dy[:, index] = _protected_slope(grad_output, z, copy, index, mean, invstd, gamma,
-                                            beta, ctx.activation, ctx.slope)
+        protected = index.numel() > 0
+        if protected:
+            # The protected channels' (mean, invstd, gamma, beta), gathered in one op.
+            kept = torch.stack([mean, invstd, gamma, beta]).index_select(1, index)
+        # Undo the activation: y = act^-1(z), dy = dL/dy. A protected channel's y is its saved
+        # input and its dy takes the activation's branch from that input.
+        if activation == "leaky_relu":
+            y = F.leaky_relu(z, 1.0 / slope)
+            dy = torch.ops.aten.leaky_relu_backward(grad_output, z, slope, True)
+        elif activation == "elu":
+            y = torch.where(z >= 0, z, torch.log1p(z / slope))
+            dy = torch.ops.aten.elu_backward(grad_output, slope, 1, 1, True, z)
+        else:
+            y = z.index_copy(1, index, copy) if protected else z
+            dy = grad_output
+        if protected and activation != "identity":
+            y.index_copy_(1, index, copy)
+            dy.index_copy_(1, index, _protected_slope(grad_output, z, copy, index, kept,
+                                                      activation, slope))
         needs = list(ctx.needs_input_grad[:3])
         if ctx.group is not None:
             from .sync_stats import group_backward
 
-            y, dy = y.to(acc), dy.to(acc)
+            channels = z.shape[1]
+            shape = [1, channels] + [1] * (z.dim() - 2)
+            acc = mean.dtype
+            y, dy = y.to(acc, copy=y is z), dy.to(acc)  # y is rebuilt in place below
             inverse = torch.where(tiny_gamma(gamma), torch.zeros_like(gamma), 1.0 / gamma)
             x = y.sub_(beta.view(shape)).mul_(inverse.view(shape))
             x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
-            if index.numel():
-                x[:, index] = copy.to(acc)
+            if protected:
+                x.index_copy_(1, index, copy.to(acc))
             grad_input, grad_weight, grad_bias = group_backward(
                 dy, x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
@@ -192,19 +205,15 @@ class InplaceABNFunction(torch.autograd.Function):
             # gamma * invstd); a protected channel holds its saved input instead, with the
             # batch's mean, invstd and gamma. A channel with a tiny gamma left out of the budget
             # gets xhat = 0.
-            protected = torch.zeros(channels, dtype=torch.bool, device=z.device)
-            if index.numel():
-                y[:, index] = copy.to(y.dtype)
-                protected = protected.index_fill(0, index, True)
-            zero = tiny_gamma(gamma)
-            spread = torch.where(zero, torch.zeros_like(gamma), 1.0 / gamma)
-            centre = torch.where(protected, mean, beta)
-            spread = torch.where(protected, invstd, spread)
-            factor = torch.where(protected, gamma, gamma * gamma * invstd)
+            spread = torch.where(tiny_gamma(gamma), 0.0, gamma.reciprocal())
+            params = torch.stack([beta, spread, gamma * gamma * invstd])
+            if protected:
+                params.index_copy_(1, index, kept[:3])
+            centre, spread, factor = params.unbind()
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
-        if grad_input is not None:
+        if grad_input is not None and grad_input.dtype != grad_output.dtype:
             grad_input = grad_input.to(grad_output.dtype)
         grad_weight = grad_weight.to(weight.dtype) if needs[1] and weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if needs[2] and bias is not None else None
@@ -216,31 +225,32 @@ def _aminmax(x):
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
 
 
-def _protected_slope(grad_output, z, copy, index, mean, invstd, gamma, beta, activation, slope):
+def _protected_slope(grad_output, z, copy, index, kept, activation, slope):
     """dL/dy of the protected channels, the activation's branch taken from the saved input.
 
     z's sign picks the branch, but where gamma * xhat + beta underflows (a subnormal gamma)
-    z == 0 has lost it; y > 0 is decided as xhat * sign(gamma) > -beta / |gamma| instead,
-    which neither underflows nor loses the sign (beta / 0 is +-inf)."""
-    shape = [1, index.numel()] + [1] * (z.dim() - 2)
-    pick = [t.index_select(0, index).view(shape) for t in (mean, invstd, gamma, beta)]
-    mean, invstd, gamma, beta = pick
-    xhat = (copy.to(mean.dtype) - mean) * invstd
-    positive = xhat * gamma.sign() > -beta / gamma.abs()
+    z == 0 has lost it; y > 0 is decided as xhat * sign(gamma) + beta / |gamma| > 0 instead,
+    which neither underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats
+    rounds to a value of the exact sum's sign)."""
+    shape = [len(kept), 1, index.numel()] + [1] * (z.dim() - 2)
+    mean, invstd, gamma, beta = kept.view(shape).unbind()
+    side = (copy.to(mean.dtype) - mean).mul_(invstd * gamma.sign()).add_(beta / gamma.abs())
     grad = grad_output.index_select(1, index)
+    if activation == "leaky_relu" and side.dtype == grad.dtype:
+        return torch.ops.aten.leaky_relu_backward(grad, side, slope, False)
     if activation == "leaky_relu":
-        return torch.where(positive, grad, grad * slope)
-    return torch.where(positive, grad, grad * (z.index_select(1, index) + slope))
+        return torch.where(side > 0, grad, grad * slope)
+    return torch.where(side > 0, grad, grad * (z.index_select(1, index) + slope))
 
 
 def _protect(x, ratio, protect, unprotected):
     """The indices of the ``protect`` worst-conditioned channels and a copy of their input;
-    sets ``unprotected`` to the number of ill-conditioned channels outside them."""
+    sets ``unprotected`` to the number of ill-conditioned channels outside them (the top
+    ``protect`` of the ranking hold every ill-conditioned channel they can)."""
     if protect:
         index = ratio.topk(protect).indices
     else:
         index = torch.empty(0, dtype=torch.long, device=x.device)
     if unprotected is not None:
-        ill = ratio > CONDITION_LIMIT
-        unprotected.copy_(ill.sum() - ill.index_select(0, index).sum())
-    return index, x.index_select(1, index).contiguous()
+        unprotected.copy_((ratio > CONDITION_LIMIT).sum().sub_(protect).clamp_(min=0))
+    return index, x.index_select(1, index)
