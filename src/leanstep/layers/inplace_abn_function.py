@@ -17,8 +17,12 @@ channels need their input saved. With static shapes that copy cannot be sized by
 such channels (knowing it is a sync), so each layer keeps a fixed budget of ``protect`` channels:
 the worst-conditioned ones (by ``torch.topk``) keep a copy of their input. Gradients are
 float32-accurate while at most ``protect`` channels are ill-conditioned; channels beyond the
-budget are counted in the layer's ``unprotected_channels`` buffer (a device tensor, read it when
+budget are counted by the layer's ``unprotected_channels`` (a device tensor, read it when
 convenient) and get best-effort gradients.
+
+Per layer and step this is a few dozen small per-channel ops on top of the two native kernels;
+on a CPU each costs microseconds of dispatch, so the per-channel parameters of backward are
+formed once, in forward, from the intermediates the conditioning already computed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONDITION_LIMIT", "ELU_SATURATION", "InplaceABNFunction", "tiny_gamma"]
+__all__ = [
+    "CONDITION_LIMIT",
+    "ELU_SATURATION",
+    "InplaceABNFunction",
+    "tiny_gamma",
+    "unprotected_count",
+]
 
 # A channel whose |beta / gamma| exceeds this rebuilds xhat with an absolute error above
 # about CONDITION_LIMIT float32 ulps; it is ill-conditioned and gets the copy if the budget allows.
@@ -47,15 +57,16 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _affine(weight, bias, like):
-    """gamma and beta with ``like``'s dtype and device (1 and 0 without affine parameters)."""
-    dtype, channels, device = like.dtype, like.shape[-1], like.device
-    gamma = (weight if weight is not None else torch.ones(channels, device=device)).to(dtype)
-    beta = (bias if bias is not None else torch.zeros(channels, device=device)).to(dtype)
+def _affine(weight, bias, channels, dtype, device):
+    """gamma and beta in ``dtype`` (1 and 0 without affine parameters)."""
+    gamma = weight if weight is not None else torch.ones(channels, device=device)
+    beta = bias if bias is not None else torch.zeros(channels, device=device)
+    if gamma.dtype != dtype:
+        gamma, beta = gamma.to(dtype), beta.to(dtype)
     return gamma, beta
 
 
-# sqrt(smallest normal) per dtype: finfo is not free, and this runs twice per layer and step.
+# sqrt(smallest normal) per dtype: finfo is not free, and this runs in every layer and step.
 _TINY = {dtype: torch.finfo(dtype).tiny ** 0.5
          for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -64,13 +75,25 @@ def tiny_gamma(gamma):
     """Where |gamma| is below sqrt of the dtype's smallest normal (0 and subnormals included):
     there y = gamma * xhat + beta underflows, 1 / gamma may overflow and the rebuilt channel's
     weight gamma^2 * invstd underflows, so nothing of xhat can be rebuilt from y."""
-    return gamma.abs() < _TINY[gamma.dtype]
+    return _is_tiny(gamma.abs())
 
 
-def _condition(gamma, beta):
+def _is_tiny(magnitude):
+    return magnitude < _TINY[magnitude.dtype]
+
+
+def _condition(gamma, beta, tiny=None):
     """|beta / gamma| per channel; +inf (ranked worst) where gamma is tiny or the ratio is nan."""
-    ratio = torch.where(tiny_gamma(gamma), math.inf, (beta / gamma).abs())
+    tiny = tiny_gamma(gamma) if tiny is None else tiny
+    ratio = torch.where(tiny, math.inf, (beta / gamma).abs())
     return ratio.nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def unprotected_count(condition, protect):
+    """How many channels with ``condition`` (from ``_condition``) > CONDITION_LIMIT fall outside
+    a budget of ``protect``: the top ``protect`` of the ranking hold every ill-conditioned
+    channel they can."""
+    return ((condition > CONDITION_LIMIT).sum() - protect).clamp(min=0)
 
 
 class InplaceABNFunction(torch.autograd.Function):
@@ -79,20 +102,23 @@ class InplaceABNFunction(torch.autograd.Function):
     running_mean, running_var: updated in place (None: not tracked); factor: a device scalar
     (1 / num_batches_tracked, for momentum=None) or None to use ``momentum``; eps; activation
     ("leaky_relu", "elu", "identity") and its slope/alpha; protect: how many channels may keep a
-    copy of their input; unprotected: a device scalar set to the number of ill-conditioned
-    channels left without one (or None); group: a process group (InplaceABNSync) or None.
+    copy of their input; condition: a (C,) buffer that receives each channel's conditioning
+    (``unprotected_count`` reads it), or None; group: a process group (InplaceABNSync) or None.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, momentum, eps,
-                activation, slope, protect, unprotected, group):
+                activation, slope, protect, condition, group):
         channels = x.shape[1]
         acc = stats_dtype(x.dtype)
-        gamma, beta = _affine(weight, bias, x.new_empty((0, channels), dtype=acc))
-        ratio = _condition(gamma, beta)
+        gamma, beta = _affine(weight, bias, channels, acc, x.device)
+        magnitude = gamma.abs()
+        tiny = _is_tiny(magnitude)
+        ratio = _condition(gamma, beta, tiny)
         protect = min(protect, channels)
         if activation != "elu":  # judged on the weights alone: copy before x is overwritten
-            index, copy = _protect(x, ratio, protect, unprotected)
+            index, copy = _protect(x, ratio, protect)
+        count = None
         if group is not None:
             from .sync_stats import group_stats
 
@@ -100,7 +126,6 @@ class InplaceABNFunction(torch.autograd.Function):
                                               factor, momentum)
             y = None
         else:
-            count = None
             if factor is not None:
                 # momentum=None: a cumulative average whose weight is a device scalar; the
                 # native kernel takes the weight as a host float, which would be a sync.
@@ -134,7 +159,9 @@ class InplaceABNFunction(torch.autograd.Function):
             else:
                 y_min = _aminmax(y)[0].to(acc)
             ratio = torch.where(y_min < -ELU_SATURATION, math.inf, ratio)
-            index, copy = _protect(x, ratio, protect, unprotected)
+            index, copy = _protect(x, ratio, protect)
+        if condition is not None:
+            condition.copy_(ratio)
 
         if group is not None:
             shape = [1, channels] + [1] * (x.dim() - 2)
@@ -152,21 +179,36 @@ class InplaceABNFunction(torch.autograd.Function):
         elif activation == "elu":
             F.elu_(x, slope)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, index, copy, count)
+
+        # Backward's per-channel parameters. rebuild: (centre, spread, factor) of one native
+        # backward over y, whose xhat is (y - centre) * spread: for a channel rebuilt from the
+        # output centre = beta, spread = 1 / gamma (0 where gamma is tiny: xhat = 0 for a
+        # channel left out of the budget), and the weight is gamma^2 * invstd (the input
+        # gradient's factor is weight * spread = gamma * invstd); a protected channel holds
+        # its saved input instead, with the batch's mean, invstd and gamma.
+        rebuild = torch.stack([beta, torch.where(tiny, 0.0, gamma.reciprocal()),
+                               gamma * gamma * invstd])
+        side = None
+        if index.numel():
+            rebuild.index_copy_(1, index, torch.stack([mean, invstd, gamma]).index_select(1, index))
+            if activation != "identity":
+                # A protected channel's activation branch: xhat * sign(gamma) + beta / |gamma|
+                # has the sign of gamma * xhat + beta, which may have underflowed.
+                side = torch.stack([mean, invstd * gamma.sign(), beta / magnitude])
+                side = side.index_select(1, index)
+        stats = torch.stack([mean, invstd, gamma]) if group is not None else None
+        ctx.save_for_backward(x, rebuild, index, copy, side, stats, count)
         ctx.activation, ctx.slope, ctx.eps, ctx.group = activation, slope, eps, group
+        ctx.dtypes = [None if t is None else t.dtype for t in (weight, bias)]
         return x
 
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        z, weight, bias, mean, invstd, index, copy, count = ctx.saved_tensors
+        z, rebuild, index, copy, side, stats, count = ctx.saved_tensors
         activation, slope = ctx.activation, ctx.slope
-        gamma, beta = _affine(weight, bias, mean)
         protected = index.numel() > 0
-        if protected:
-            # The protected channels' (mean, invstd, gamma, beta), gathered in one op.
-            kept = torch.stack([mean, invstd, gamma, beta]).index_select(1, index)
         # Undo the activation: y = act^-1(z), dy = dL/dy. A protected channel's y is its saved
         # input and its dy takes the activation's branch from that input.
         if activation == "leaky_relu":
@@ -175,48 +217,49 @@ class InplaceABNFunction(torch.autograd.Function):
         elif activation == "elu":
             y = torch.where(z >= 0, z, torch.log1p(z / slope))
             dy = torch.ops.aten.elu_backward(grad_output, slope, 1, 1, True, z)
-        else:
-            y = z.index_copy(1, index, copy) if protected else z
-            dy = grad_output
-        if protected and activation != "identity":
+        else:  # identity: y is z; protected channels get a backward of their own below
+            y, dy = z, grad_output
+        if side is not None:
             y.index_copy_(1, index, copy)
-            dy.index_copy_(1, index, _protected_slope(grad_output, z, copy, index, kept,
+            dy.index_copy_(1, index, _protected_slope(grad_output, z, copy, index, side,
                                                       activation, slope))
         needs = list(ctx.needs_input_grad[:3])
+        centre, spread, factor = rebuild.unbind()
         if ctx.group is not None:
             from .sync_stats import group_backward
 
-            channels = z.shape[1]
-            shape = [1, channels] + [1] * (z.dim() - 2)
+            mean, invstd, gamma = stats.unbind()
+            shape = [1, z.shape[1]] + [1] * (z.dim() - 2)
             acc = mean.dtype
-            y, dy = y.to(acc, copy=y is z), dy.to(acc)  # y is rebuilt in place below
-            inverse = torch.where(tiny_gamma(gamma), torch.zeros_like(gamma), 1.0 / gamma)
-            x = y.sub_(beta.view(shape)).mul_(inverse.view(shape))
+            # x = (y - centre) * spread / invstd + mean; protected channels: their copy.
+            x = y.to(acc, copy=y is z).sub_(centre.view(shape)).mul_(spread.view(shape))
             x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
             if protected:
                 x.index_copy_(1, index, copy.to(acc))
             grad_input, grad_weight, grad_bias = group_backward(
-                dy, x, gamma, mean, invstd, count, ctx.group, needs[0]
+                dy.to(acc), x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
         else:
-            # One native backward over y itself: its xhat is (y - centre) * spread, so for a
-            # channel rebuilt from the output centre = beta, spread = 1 / gamma, and the
-            # weight is gamma^2 * invstd (the input gradient's factor is weight * spread =
-            # gamma * invstd); a protected channel holds its saved input instead, with the
-            # batch's mean, invstd and gamma. A channel with a tiny gamma left out of the budget
-            # gets xhat = 0.
-            spread = torch.where(tiny_gamma(gamma), 0.0, gamma.reciprocal())
-            params = torch.stack([beta, spread, gamma * gamma * invstd])
-            if protected:
-                params.index_copy_(1, index, kept[:3])
-            centre, spread, factor = params.unbind()
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
+            if protected and y is z:
+                # Identity: rather than a copy of z with the saved channels written in, the
+                # saved channels' own backward, written over theirs.
+                centre, spread, factor = rebuild.index_select(1, index).unbind()
+                part, part_weight, _ = torch.ops.aten.native_batch_norm_backward(
+                    dy.index_select(1, index), copy, factor, None, None, centre, spread, True,
+                    ctx.eps, [needs[0], needs[1], False]
+                )
+                if needs[0]:
+                    grad_input.index_copy_(1, index, part)
+                if needs[1]:
+                    grad_weight.index_copy_(0, index, part_weight)
         if grad_input is not None and grad_input.dtype != grad_output.dtype:
             grad_input = grad_input.to(grad_output.dtype)
-        grad_weight = grad_weight.to(weight.dtype) if needs[1] and weight is not None else None
-        grad_bias = grad_bias.to(bias.dtype) if needs[2] and bias is not None else None
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_weight = grad_weight.to(weight_dtype) if needs[1] and weight_dtype else None
+        grad_bias = grad_bias.to(bias_dtype) if needs[2] and bias_dtype else None
         return (grad_input, grad_weight, grad_bias) + (None,) * 10
 
 
@@ -225,32 +268,28 @@ def _aminmax(x):
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
 
 
-def _protected_slope(grad_output, z, copy, index, kept, activation, slope):
+def _protected_slope(grad_output, z, copy, index, side, activation, slope):
     """dL/dy of the protected channels, the activation's branch taken from the saved input.
 
-    z's sign picks the branch, but where gamma * xhat + beta underflows (a subnormal gamma)
-    z == 0 has lost it; y > 0 is decided as xhat * sign(gamma) + beta / |gamma| > 0 instead,
-    which neither underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats
-    rounds to a value of the exact sum's sign)."""
-    shape = [len(kept), 1, index.numel()] + [1] * (z.dim() - 2)
-    mean, invstd, gamma, beta = kept.view(shape).unbind()
-    side = (copy.to(mean.dtype) - mean).mul_(invstd * gamma.sign()).add_(beta / gamma.abs())
+    ``side`` holds each protected channel's (mean, invstd * sign(gamma), beta / |gamma|):
+    y > 0 exactly where (x - mean) * invstd * sign(gamma) + beta / |gamma| > 0, which neither
+    underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats rounds to a value
+    of the exact sum's sign), where z's sign is lost when gamma * xhat + beta underflows."""
+    shape = [len(side), 1, index.numel()] + [1] * (z.dim() - 2)
+    mean, scale, offset = side.view(shape).unbind()
+    branch = (copy.to(mean.dtype) - mean).mul_(scale).add_(offset)
     grad = grad_output.index_select(1, index)
-    if activation == "leaky_relu" and side.dtype == grad.dtype:
-        return torch.ops.aten.leaky_relu_backward(grad, side, slope, False)
+    if activation == "leaky_relu" and branch.dtype == grad.dtype:
+        return torch.ops.aten.leaky_relu_backward(grad, branch, slope, False)
     if activation == "leaky_relu":
-        return torch.where(side > 0, grad, grad * slope)
-    return torch.where(side > 0, grad, grad * (z.index_select(1, index) + slope))
+        return torch.where(branch > 0, grad, grad * slope)
+    return torch.where(branch > 0, grad, grad * (z.index_select(1, index) + slope))
 
 
-def _protect(x, ratio, protect, unprotected):
-    """The indices of the ``protect`` worst-conditioned channels and a copy of their input;
-    sets ``unprotected`` to the number of ill-conditioned channels outside them (the top
-    ``protect`` of the ranking hold every ill-conditioned channel they can)."""
+def _protect(x, ratio, protect):
+    """The indices of the ``protect`` worst-conditioned channels and a copy of their input."""
     if protect:
         index = ratio.topk(protect).indices
     else:
         index = torch.empty(0, dtype=torch.long, device=x.device)
-    if unprotected is not None:
-        unprotected.copy_((ratio > CONDITION_LIMIT).sum().sub_(protect).clamp_(min=0))
     return index, x.index_select(1, index)

@@ -28,7 +28,7 @@ from .activations import (
     canonical_activation,
     get_activation,
 )
-from .inplace_abn_function import InplaceABNFunction
+from .inplace_abn_function import InplaceABNFunction, unprotected_count
 
 __all__ = [
     "ABN",
@@ -104,9 +104,9 @@ class InplaceABN(BatchNormAct):
     xhat to rounding (|beta / gamma| > 16, gamma == 0, ELU saturated below -6), a channel needs a
     copy of its input: the ``ceil(protect * C)`` worst-conditioned channels of each layer keep
     one (default ``protect`` 1/16; 1.0: every channel, as much memory as ABN). Gradients are
-    float32-accurate while the ill-conditioned channels fit that budget; the
-    ``unprotected_channels`` buffer (a device scalar, not in the state dict) counts those left
-    out at the last training step. Nothing reads device values on the host: the layer runs
+    float32-accurate while the ill-conditioned channels fit that budget;
+    ``unprotected_channels`` (a device scalar) counts those left out at the last training step.
+    Nothing reads device values on the host: the layer runs
     without host-device synchronisation and compiles (torch.compile) without graph breaks.
 
     In place is only safe on a tensor nobody else needs. The input is overwritten when it is an
@@ -149,9 +149,15 @@ class InplaceABN(BatchNormAct):
         self.slope = next(iter(params.values()), default)
         self.protect = float(protect)
         self.protected_channels = math.ceil(self.protect * num_features)
-        self.register_buffer(
-            "unprotected_channels", torch.zeros((), dtype=torch.long), persistent=False
-        )
+        # Each channel's conditioning |beta / gamma| at the last training step (not in the
+        # state dict); ``unprotected_channels`` is read from it only when asked for.
+        self.register_buffer("channel_condition", torch.zeros(num_features), persistent=False)
+
+    @property
+    def unprotected_channels(self) -> torch.Tensor:
+        """How many ill-conditioned channels were left without a copy of their input at the
+        last training step (a device scalar: reading it with ``.item()`` syncs)."""
+        return unprotected_count(self.channel_condition, self.protected_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -197,7 +203,7 @@ class InplaceABN(BatchNormAct):
             self.activation_name,
             self.slope,
             self.protected_channels,
-            self.unprotected_channels,
+            self.channel_condition,
             group,
         )
 
