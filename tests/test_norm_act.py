@@ -295,8 +295,9 @@ def test_saved_bytes_are_one_input_plus_the_fixed_budget_whatever_the_weights():
         module.weight[[1, 5, 6]] = torch.tensor([0.0, 5e-4, -1e-6])
     assert saved_tensor_bytes(module, x) == baseline
     unprotected = saved_tensor_bytes(InplaceABN(32, protect=0.0), x)
-    # The copy, its int64 index and three float32 branch parameters per protected channel.
-    assert unprotected == baseline - 2 * per_channel_bytes - 2 * 8 - 2 * 3 * 4
+    # The copy, its int64 index and five float32 parameters per protected channel (its
+    # statistics, gamma and activation branch).
+    assert unprotected == baseline - 2 * per_channel_bytes - 2 * 8 - 2 * 5 * 4
 
 
 def test_saved_bytes_on_six_block_stack_inplace_abn_at_most_055_of_batchnorm_act():

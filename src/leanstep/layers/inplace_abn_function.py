@@ -184,20 +184,18 @@ class InplaceABNFunction(torch.autograd.Function):
         # backward over y, whose xhat is (y - centre) * spread: for a channel rebuilt from the
         # output centre = beta, spread = 1 / gamma (0 where gamma is tiny: xhat = 0 for a
         # channel left out of the budget), and the weight is gamma^2 * invstd (the input
-        # gradient's factor is weight * spread = gamma * invstd); a protected channel holds
-        # its saved input instead, with the batch's mean, invstd and gamma.
+        # gradient's factor is weight * spread = gamma * invstd). kept: the protected
+        # channels' (mean, invstd, gamma) for a backward over their saved input, and their
+        # activation branch's (invstd * sign(gamma), beta / |gamma|): xhat * sign(gamma) +
+        # beta / |gamma| has the sign of gamma * xhat + beta, which may have underflowed.
         rebuild = torch.stack([beta, torch.where(tiny, 0.0, gamma.reciprocal()),
                                gamma * gamma * invstd])
-        side = None
+        kept = None
         if index.numel():
-            rebuild.index_copy_(1, index, torch.stack([mean, invstd, gamma]).index_select(1, index))
-            if activation != "identity":
-                # A protected channel's activation branch: xhat * sign(gamma) + beta / |gamma|
-                # has the sign of gamma * xhat + beta, which may have underflowed.
-                side = torch.stack([mean, invstd * gamma.sign(), beta / magnitude])
-                side = side.index_select(1, index)
+            kept = torch.stack([mean, invstd, gamma, invstd * gamma.sign(), beta / magnitude])
+            kept = kept.index_select(1, index)
         stats = torch.stack([mean, invstd, gamma]) if group is not None else None
-        ctx.save_for_backward(x, rebuild, index, copy, side, stats, count)
+        ctx.save_for_backward(x, rebuild, index, copy, kept, stats, count)
         ctx.activation, ctx.slope, ctx.eps, ctx.group = activation, slope, eps, group
         ctx.dtypes = [None if t is None else t.dtype for t in (weight, bias)]
         return x
@@ -206,23 +204,24 @@ class InplaceABNFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        z, rebuild, index, copy, side, stats, count = ctx.saved_tensors
+        z, rebuild, index, copy, kept, stats, count = ctx.saved_tensors
         activation, slope = ctx.activation, ctx.slope
-        protected = index.numel() > 0
-        # Undo the activation: y = act^-1(z), dy = dL/dy. A protected channel's y is its saved
-        # input and its dy takes the activation's branch from that input.
+        # Undo the activation: y = act^-1(z), dy = dL/dy. Pointwise only, so that a compiler
+        # fuses them into the batch-norm backward's reductions.
         if activation == "leaky_relu":
             y = F.leaky_relu(z, 1.0 / slope)
             dy = torch.ops.aten.leaky_relu_backward(grad_output, z, slope, True)
         elif activation == "elu":
             y = torch.where(z >= 0, z, torch.log1p(z / slope))
             dy = torch.ops.aten.elu_backward(grad_output, slope, 1, 1, True, z)
-        else:  # identity: y is z; protected channels get a backward of their own below
+        else:
             y, dy = z, grad_output
-        if side is not None:
-            y.index_copy_(1, index, copy)
-            dy.index_copy_(1, index, _protected_slope(grad_output, z, copy, index, side,
-                                                      activation, slope))
+        protected = kept is not None
+        if protected:  # the saved channels: their input, and dy with the input's branch
+            if activation == "identity":
+                part_dy = dy.index_select(1, index)
+            else:
+                part_dy = _protected_slope(grad_output, z, copy, index, kept, activation, slope)
         needs = list(ctx.needs_input_grad[:3])
         centre, spread, factor = rebuild.unbind()
         if ctx.group is not None:
@@ -231,11 +230,12 @@ class InplaceABNFunction(torch.autograd.Function):
             mean, invstd, gamma = stats.unbind()
             shape = [1, z.shape[1]] + [1] * (z.dim() - 2)
             acc = mean.dtype
-            # x = (y - centre) * spread / invstd + mean; protected channels: their copy.
+            # x = (y - beta) / gamma / invstd + mean; the protected channels: their copy.
             x = y.to(acc, copy=y is z).sub_(centre.view(shape)).mul_(spread.view(shape))
             x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
             if protected:
                 x.index_copy_(1, index, copy.to(acc))
+                dy = dy.index_copy(1, index, part_dy)
             grad_input, grad_weight, grad_bias = group_backward(
                 dy.to(acc), x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
@@ -243,18 +243,19 @@ class InplaceABNFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
-            if protected and y is z:
-                # Identity: rather than a copy of z with the saved channels written in, the
-                # saved channels' own backward, written over theirs.
-                centre, spread, factor = rebuild.index_select(1, index).unbind()
-                part, part_weight, _ = torch.ops.aten.native_batch_norm_backward(
-                    dy.index_select(1, index), copy, factor, None, None, centre, spread, True,
-                    ctx.eps, [needs[0], needs[1], False]
+            if protected:
+                # The saved channels' own backward, written over what the one above made of
+                # them (each channel's gradients depend on that channel alone).
+                mean, invstd, gamma = kept[:3].unbind()
+                part_input, part_weight, part_bias = torch.ops.aten.native_batch_norm_backward(
+                    part_dy, copy, gamma, None, None, mean, invstd, True, ctx.eps, needs
                 )
                 if needs[0]:
-                    grad_input.index_copy_(1, index, part)
+                    grad_input.index_copy_(1, index, part_input)
                 if needs[1]:
                     grad_weight.index_copy_(0, index, part_weight)
+                if needs[2]:
+                    grad_bias.index_copy_(0, index, part_bias)
         if grad_input is not None and grad_input.dtype != grad_output.dtype:
             grad_input = grad_input.to(grad_output.dtype)
         weight_dtype, bias_dtype = ctx.dtypes
@@ -268,15 +269,16 @@ def _aminmax(x):
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
 
 
-def _protected_slope(grad_output, z, copy, index, side, activation, slope):
+def _protected_slope(grad_output, z, copy, index, kept, activation, slope):
     """dL/dy of the protected channels, the activation's branch taken from the saved input.
 
-    ``side`` holds each protected channel's (mean, invstd * sign(gamma), beta / |gamma|):
-    y > 0 exactly where (x - mean) * invstd * sign(gamma) + beta / |gamma| > 0, which neither
-    underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats rounds to a value
-    of the exact sum's sign), where z's sign is lost when gamma * xhat + beta underflows."""
-    shape = [len(side), 1, index.numel()] + [1] * (z.dim() - 2)
-    mean, scale, offset = side.view(shape).unbind()
+    ``kept`` holds each protected channel's (mean, invstd, gamma, invstd * sign(gamma),
+    beta / |gamma|): y > 0 exactly where (x - mean) * invstd * sign(gamma) + beta / |gamma| > 0,
+    which neither underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats
+    rounds to a value of the exact sum's sign), where z's sign is lost when gamma * xhat + beta
+    underflows."""
+    shape = [len(kept), 1, index.numel()] + [1] * (z.dim() - 2)
+    mean, _, _, scale, offset = kept.view(shape).unbind()
     branch = (copy.to(mean.dtype) - mean).mul_(scale).add_(offset)
     grad = grad_output.index_select(1, index)
     if activation == "leaky_relu" and branch.dtype == grad.dtype:
