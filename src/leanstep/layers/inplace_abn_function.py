@@ -217,11 +217,6 @@ class InplaceABNFunction(torch.autograd.Function):
         else:
             y, dy = z, grad_output
         protected = kept is not None
-        if protected:  # the saved channels: their input, and dy with the input's branch
-            if activation == "identity":
-                part_dy = dy.index_select(1, index)
-            else:
-                part_dy = _protected_slope(grad_output, z, copy, index, kept, activation, slope)
         needs = list(ctx.needs_input_grad[:3])
         centre, spread, factor = rebuild.unbind()
         if ctx.group is not None:
@@ -235,7 +230,8 @@ class InplaceABNFunction(torch.autograd.Function):
             x = x.mul_(invstd.view(shape).reciprocal()).add_(mean.view(shape))
             if protected:
                 x.index_copy_(1, index, copy.to(acc))
-                dy = dy.index_copy(1, index, part_dy)
+                dy = dy.index_copy(1, index, _protected_dy(grad_output, z, copy, index, kept,
+                                                           activation, slope))
             grad_input, grad_weight, grad_bias = group_backward(
                 dy.to(acc), x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
@@ -245,7 +241,10 @@ class InplaceABNFunction(torch.autograd.Function):
             )
             if protected:
                 # The saved channels' own backward, written over what the one above made of
-                # them (each channel's gradients depend on that channel alone).
+                # them (each channel's gradients depend on that channel alone); y and dy are
+                # freed first, so this adds nothing to the layer's peak.
+                del y, dy
+                part_dy = _protected_dy(grad_output, z, copy, index, kept, activation, slope)
                 mean, invstd, gamma = kept[:3].unbind()
                 part_input, part_weight, part_bias = torch.ops.aten.native_batch_norm_backward(
                     part_dy, copy, gamma, None, None, mean, invstd, True, ctx.eps, needs
@@ -269,7 +268,7 @@ def _aminmax(x):
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
 
 
-def _protected_slope(grad_output, z, copy, index, kept, activation, slope):
+def _protected_dy(grad_output, z, copy, index, kept, activation, slope):
     """dL/dy of the protected channels, the activation's branch taken from the saved input.
 
     ``kept`` holds each protected channel's (mean, invstd, gamma, invstd * sign(gamma),
@@ -277,6 +276,8 @@ def _protected_slope(grad_output, z, copy, index, kept, activation, slope):
     which neither underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats
     rounds to a value of the exact sum's sign), where z's sign is lost when gamma * xhat + beta
     underflows."""
+    if activation == "identity":
+        return grad_output.index_select(1, index)
     shape = [len(kept), 1, index.numel()] + [1] * (z.dim() - 2)
     mean, _, _, scale, offset = kept.view(shape).unbind()
     branch = (copy.to(mean.dtype) - mean).mul_(scale).add_(offset)
