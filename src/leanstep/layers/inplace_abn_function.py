@@ -236,25 +236,27 @@ class InplaceABNFunction(torch.autograd.Function):
                 dy.to(acc), x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
         else:
+            # The saved channels get a backward of their own over their input, written over
+            # what the full one makes of them (each channel's gradients depend on that channel
+            # alone). It runs after the full one once y and dy are freed, so that it adds
+            # nothing to the layer's peak; for identity (y is z, nothing to free) before it,
+            # so that only its input gradient is alive beside the full one.
+            def protected_part():
+                return _protected_backward(grad_output, z, copy, index, kept, activation,
+                                           slope, ctx.eps, needs)
+
+            parts = protected_part() if protected and y is z else None
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
             if protected:
-                # The saved channels' own backward, written over what the one above made of
-                # them (each channel's gradients depend on that channel alone); y and dy are
-                # freed first, so this adds nothing to the layer's peak.
-                del y, dy
-                part_dy = _protected_dy(grad_output, z, copy, index, kept, activation, slope)
-                mean, invstd, gamma = kept[:3].unbind()
-                part_input, part_weight, part_bias = torch.ops.aten.native_batch_norm_backward(
-                    part_dy, copy, gamma, None, None, mean, invstd, True, ctx.eps, needs
-                )
-                if needs[0]:
-                    grad_input.index_copy_(1, index, part_input)
-                if needs[1]:
-                    grad_weight.index_copy_(0, index, part_weight)
-                if needs[2]:
-                    grad_bias.index_copy_(0, index, part_bias)
+                if parts is None:
+                    del y, dy
+                    parts = protected_part()
+                for dim, full, part in zip((1, 0, 0), (grad_input, grad_weight, grad_bias),
+                                           parts, strict=True):
+                    if full is not None:
+                        full.index_copy_(dim, index, part)
         if grad_input is not None and grad_input.dtype != grad_output.dtype:
             grad_input = grad_input.to(grad_output.dtype)
         weight_dtype, bias_dtype = ctx.dtypes
@@ -266,6 +268,15 @@ class InplaceABNFunction(torch.autograd.Function):
 def _aminmax(x):
     """Per-channel (min, max) of an (N, C, *) tensor."""
     return torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
+
+
+def _protected_backward(grad_output, z, copy, index, kept, activation, slope, eps, needs):
+    """The native batch-norm backward of the protected channels over their saved input."""
+    part_dy = _protected_dy(grad_output, z, copy, index, kept, activation, slope)
+    mean, invstd, gamma = kept[:3].unbind()
+    return torch.ops.aten.native_batch_norm_backward(
+        part_dy, copy, gamma, None, None, mean, invstd, True, eps, needs
+    )
 
 
 def _protected_dy(grad_output, z, copy, index, kept, activation, slope):
