@@ -192,8 +192,10 @@ class InplaceABNFunction(torch.autograd.Function):
                                gamma * gamma * invstd])
         kept = None
         if index.numel():
-            kept = torch.stack([mean, invstd, gamma, invstd * gamma.sign(), beta / magnitude])
-            kept = kept.index_select(1, index)
+            rows = [mean, invstd, gamma]
+            if activation != "identity":  # identity has no branch to take
+                rows += [invstd * gamma.sign(), beta / magnitude]
+            kept = torch.stack(rows).index_select(1, index)
         stats = torch.stack([mean, invstd, gamma]) if group is not None else None
         ctx.save_for_backward(x, rebuild, index, copy, kept, stats, count)
         ctx.activation, ctx.slope, ctx.eps, ctx.group = activation, slope, eps, group
@@ -283,7 +285,8 @@ def _protected_dy(grad_output, z, copy, index, kept, activation, slope):
     """dL/dy of the protected channels, the activation's branch taken from the saved input.
 
     ``kept`` holds each protected channel's (mean, invstd, gamma, invstd * sign(gamma),
-    beta / |gamma|): y > 0 exactly where (x - mean) * invstd * sign(gamma) + beta / |gamma| > 0,
+    beta / |gamma|; the last two not for identity): y > 0 exactly where
+    (x - mean) * invstd * sign(gamma) + beta / |gamma| > 0,
     which neither underflows nor loses the sign (beta / 0 is +-inf; the sum of two floats
     rounds to a value of the exact sum's sign), where z's sign is lost when gamma * xhat + beta
     underflows."""
