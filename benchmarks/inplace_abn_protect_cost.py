@@ -1,0 +1,84 @@
+"""What InplaceABN's protected channels cost in step time, eager or under torch.compile.
+
+One process, every variant alive, steps interleaved (so machine drift hits all alike), medians:
+
+- ``abn``: ABN, the baseline;
+- ``inplace_abn``: InplaceABN as shipped (the default budget of protected channels);
+- ``unprotected_identity``: InplaceABN with no protected channels in its identity layers;
+- ``unprotected``: InplaceABN with no protected channels at all.
+
+The two unprotected variants are diagnostics only: without protection, a channel with a large
+|beta / gamma| gets inaccurate gradients (see ``leanstep.layers.inplace_abn_function``).
+
+    .venv/bin/python benchmarks/inplace_abn_protect_cost.py --compile        # resnet50 bs16 128 px
+    .venv/bin/python benchmarks/inplace_abn_protect_cost.py --model se_resnext50_32x4d --bs 8
+
+Run it on an idle machine, nothing else heavy alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from leanstep.layers.norm_act import InplaceABN
+from leanstep.models import create_model
+
+VARIANTS = ("abn", "inplace_abn", "unprotected_identity", "unprotected")
+
+
+def build(variant: str, model: str, compile_: bool):
+    torch.manual_seed(0)
+    norm = "abn" if variant == "abn" else "inplace_abn"
+    net = create_model(model, norm=norm, activation="leaky_relu")
+    for layer in net.modules():
+        if isinstance(layer, InplaceABN) and (
+                variant == "unprotected"
+                or (variant == "unprotected_identity" and layer.activation_name == "identity")):
+            layer.protected_channels = 0
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    return (torch.compile(net) if compile_ else net), optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--bs", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    if args.bs < 2 or args.size < 32 or args.steps < 1:
+        parser.error("--bs must be >= 2, --size >= 32, --steps >= 1")
+    images = torch.randn(args.bs, 3, args.size, args.size)
+    steps = {variant: build(variant, args.model, args.compile) for variant in VARIANTS}
+
+    def step(variant: str) -> float:
+        net, optimizer = steps[variant]
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        net(images).mean().backward()
+        optimizer.step()
+        return (time.perf_counter() - started) * 1e3
+
+    for variant in VARIANTS:  # warm-up (and compilation)
+        seconds = (step(variant) + step(variant)) / 1e3
+        print(f"{variant}: warm-up {seconds:.1f} s", flush=True)
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_ in range(args.steps):
+        for variant in (VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]):
+            times[variant].append(step(variant))
+    base = statistics.median(times["abn"])
+    mode = "compiled" if args.compile else "eager"
+    print(f"{args.model} bs {args.bs} {args.size} px, {mode}, {args.steps} interleaved steps")
+    for variant in VARIANTS:
+        median = statistics.median(times[variant])
+        print(f"  {variant:22s} median {median:8.1f} ms  min {min(times[variant]):8.1f} ms  "
+              f"x abn {median / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
