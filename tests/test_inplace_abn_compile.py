@@ -116,6 +116,30 @@ def test_compiled_training_equals_eager():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert compiled_model[1].num_batches_tracked.item() == 2  # updated once per step
 
+def test_compiled_layer_on_a_graph_input_keeps_its_gradient_and_writes_the_input():
+    # torch 2.13's compile drops mark_dirty on a graph input: the gradient would skip the
+    # layer (dx off by a factor of gamma * invstd) unless the layer writes a copy there.
+    torch.manual_seed(0)
+    eager = InplaceABN(6, "leaky_relu", 0.1)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 3.0)
+    layer = copy.deepcopy(eager)
+    compiled = torch.compile(layer, fullgraph=True)
+    x, grad = torch.randn(4, 6, 5, 5), torch.randn(4, 6, 5, 5)
+    results = []
+    for model in (eager, compiled):
+        leaf = x.clone().requires_grad_(True)
+        written = leaf * 1.0
+        out = model(written)
+        out.backward(grad)
+        results.append((leaf.grad, written.detach(), layer.weight.grad))
+    torch._dynamo.reset()
+    (eager_dx, eager_written, _), (compiled_dx, compiled_written, _) = results
+    torch.testing.assert_close(compiled_dx, eager_dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_written, eager_written)  # in place, as in eager
+    torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 
 def test_double_backward_raises_one_clear_error():
     layer = InplaceABN(3).double()

@@ -183,7 +183,8 @@ class InplaceABN(BatchNormAct):
                 f"{type(self).__name__}: expected more than 1 value per channel when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        if not (x.requires_grad and not x.is_leaf):
+        written = x.requires_grad and not x.is_leaf  # else the input is left as it was
+        if not written:
             x = x.clone()
         track = self.training and self.track_running_stats and self.running_mean is not None
         factor = None
@@ -191,7 +192,14 @@ class InplaceABN(BatchNormAct):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        return InplaceABNFunction.apply(
+        # torch.compile (2.13) drops mark_dirty when the written tensor is an input of the
+        # compiled graph: its gradient would bypass this layer. There the layer writes a copy
+        # and copies the result back, an input mutation the compiler handles; for a tensor
+        # made inside the graph the copies are functionalised away.
+        target = x if written and torch.compiler.is_compiling() else None
+        if target is not None:
+            x = x.clone()
+        out = InplaceABNFunction.apply(
             x,
             self.weight,
             self.bias,
@@ -206,6 +214,7 @@ class InplaceABN(BatchNormAct):
             self.channel_condition,
             group,
         )
+        return out if target is None else target.copy_(out)
 
     def __prepare_scriptable__(self):
         """torch.jit.script cannot compile InplaceABN's autograd Function: one clear error.
