@@ -50,11 +50,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma list, the first is the baseline")
     args = parser.parse_args()
+    variants = tuple(args.variants.split(","))
+    for variant in variants:
+        if variant not in VARIANTS:
+            parser.error(f"--variants: unknown {variant!r}; valid: {', '.join(VARIANTS)}")
     if args.bs < 2 or args.size < 32 or args.steps < 1:
         parser.error("--bs must be >= 2, --size >= 32, --steps >= 1")
     images = torch.randn(args.bs, 3, args.size, args.size)
-    steps = {variant: build(variant, args.model, args.compile) for variant in VARIANTS}
+    steps = {variant: build(variant, args.model, args.compile) for variant in variants}
 
     def step(variant: str) -> float:
         net, optimizer = steps[variant]
@@ -64,20 +70,20 @@ def main() -> None:
         optimizer.step()
         return (time.perf_counter() - started) * 1e3
 
-    for variant in VARIANTS:  # warm-up (and compilation)
+    for variant in variants:  # warm-up (and compilation)
         seconds = (step(variant) + step(variant)) / 1e3
         print(f"{variant}: warm-up {seconds:.1f} s", flush=True)
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
     for round_ in range(args.steps):
-        for variant in (VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]):
+        for variant in (variants if round_ % 2 == 0 else variants[::-1]):
             times[variant].append(step(variant))
-    base = statistics.median(times["abn"])
+    base = statistics.median(times[variants[0]])
     mode = "compiled" if args.compile else "eager"
     print(f"{args.model} bs {args.bs} {args.size} px, {mode}, {args.steps} interleaved steps")
-    for variant in VARIANTS:
+    for variant in variants:
         median = statistics.median(times[variant])
         print(f"  {variant:22s} median {median:8.1f} ms  min {min(times[variant]):8.1f} ms  "
-              f"x abn {median / base:.3f}")
+              f"x {variants[0]} {median / base:.3f}")
 
 
 if __name__ == "__main__":
