@@ -166,6 +166,27 @@ def test_data_dependent_block_fails_loudly_naming_it():
         model(x).sum().backward()
 
 
+def test_compiled_transformed_model_is_one_graph_and_exact():
+    """Under torch.compile the regions are torch's checkpoint higher-order op (lean: with its
+    selective policy that keeps conv/matmul outputs): one graph, no breaks, and in float64 the
+    loss, gradients and running statistics of the eager plain model, updated once a step."""
+    plain = TorchvisionResNet().double()
+    model = TRANSFORMS["lean+checkpoint"](copy.deepcopy(plain))  # both kinds, nested
+    x = torch.randn(BATCH, 3, SIZE, SIZE, dtype=torch.float64)
+    explanation = torch._dynamo.explain(copy.deepcopy(model))(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (
+        explanation.break_reasons)
+    compiled = torch.compile(model, fullgraph=True)
+    for seed in range(2):
+        torch.testing.assert_close(_step(compiled, x, seed), _step(plain, x, seed),
+                                   rtol=1e-10, atol=0)
+    torch._dynamo.reset()
+    for (key, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=key)
+    for (key, a), b in zip(plain.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=key)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         leanstep.checkpoint_blocks(TorchvisionResNet(), every=0)

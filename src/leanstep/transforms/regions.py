@@ -21,12 +21,15 @@ step: the buffers the first forward changes are restored after every recompute. 
 inputs are copied for the first run if it writes over them (InplaceABN, an in-place
 activation; learned on the region's first step, checked on every later one), so the recompute
 starts from what the forward started from. In eval mode or under
-``no_grad`` a region is the plain forward.
+``no_grad`` a region is the plain forward. Inside ``torch.compile`` a region is torch's
+checkpoint higher-order op (lean: with a selective policy keeping ``KEEP_OPS`` outputs), which
+the compiler functionalises and partitions: one graph, buffers updated once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -34,7 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from leanstep.bench._torch_internals import dispatch_mode_class, exclude_dispatch_key
 
@@ -266,6 +274,8 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
     """``fn(*args, **kwargs)`` as a recompute region over ``modules`` (see module docstring)."""
     if not (torch.is_grad_enabled() and any(m.training for m in modules)):
         return fn(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        return _compiled_region(fn, args, kwargs, lean)
     buffers = [b for m in modules for b in m.buffers()]
     norm_buffers = {id(b) for m in modules for n in m.modules() if isinstance(n, _BatchNorm)
                     for b in n.buffers(recurse=False)}
@@ -311,6 +321,27 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
     return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
+def _compiled_policy(ctx, func, *args, **kwargs):
+    """Under torch.compile a lean region keeps what ``KEEP_OPS`` make, recomputes the rest."""
+    if func in KEEP_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_COMPILED_LEAN = functools.partial(create_selective_checkpoint_contexts, _compiled_policy)
+
+
+def _compiled_region(fn, args: tuple, kwargs: dict, lean: bool):
+    """A region inside ``torch.compile``: dynamo traces ``checkpoint`` as a higher-order op and
+    the compiler's partitioner recomputes in backward what the region does not keep (a lean
+    region: torch's selective checkpointing with the ``KEEP_OPS`` policy; the compiler
+    functionalises in-place ops, so the eager path's dispatch modes, input copies and
+    buffer restores are not needed: buffer updates stay in the forward graph, run once)."""
+    if lean:
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_COMPILED_LEAN, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
 @dataclass
 class RegionState:
     """What ``install_region`` attached to a module (``module.__dict__['_leanstep']``)."""
@@ -330,16 +361,17 @@ def region_state(module: nn.Module) -> RegionState | None:
 
 
 def _plain_forward(module: nn.Module, state: RegionState):
+    # functools.partial rather than a bound method: torch.compile traces it without a break
+    if state.segments:
+        return functools.partial(_segmented, module)
     if state.own_forward is not None:
         return state.own_forward
-    return types.MethodType(type(module).forward, module)
+    return functools.partial(type(module).forward, module)
 
 
 def _region_forward(self, *args, **kwargs):
     state = self.__dict__[_ATTR]
     plain = _plain_forward(self, state)
-    if state.segments:
-        plain = types.MethodType(_segmented, self)
     if state.mode is None:
         return plain(*args, **kwargs)
     return run_region(plain, [self], args, kwargs, name=state.name, lean=state.mode == "lean")
