@@ -187,8 +187,13 @@ def test_compile_compiles_before_the_warm_up_and_counts_graphs(probe_module, mon
     assert phases[:3] == ["build", "compile", "warmup"]
     assert result["compile_seconds"] > 0 and result["compile_graphs"] >= 1
     assert result["compile_graph_breaks"] == 0
+    # under the tensor-level tracker the compiled model would run eagerly: on the CPU its peak
+    # is not measured (and not reported as the eager step's), and the row says why
+    assert result["peak_mib"] is None and result["memory"] is None
+    assert "compiled on CPU" in result["memory_note"]
     plain, phases = _measure(probe_module, _probe_case(), flops=False)
     assert "compile" not in phases and plain.get("compile_graphs") is None
+    assert plain["peak_mib"] > 0 and plain.get("memory_note") is None
 
 
 # --------------------------------------------------------------------------------------------

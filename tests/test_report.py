@@ -90,6 +90,30 @@ def test_table_and_markdown_show_ratios_and_references():
     assert markdown.count("### ") == 2
 
 
+def test_a_row_without_a_measured_peak_reports_every_format_and_says_why():
+    """A compiled CPU row has no peak (the tracker would run it eagerly): every format shows
+    the rest of it, blank where the peak would be, and the note once."""
+    from rich.console import Console
+
+    from leanstep.bench.measure import COMPILED_CPU_MEMORY
+
+    plain, lean, _ = _rows()
+    compiled = Case("suite", "ABN vs InplaceABN", "Net compiled", "resnet18", {}, 8, 64,
+                    runs=2, iters=2, index=2, compile=True)
+    result = {**_ok_result(9.0, 18.0, 0.0, 0.0), "peak_mib": None, "memory": None,
+              "memory_note": COMPILED_CPU_MEMORY}
+    rows = [plain, lean, make_row(compiled, [result], ENV)]
+    assert rows[2]["peak_mib"] is None and rows[2]["memory_note"] == COMPILED_CPU_MEMORY
+    assert ratios(rows)["Net compiled"]["memory_x"] is None
+    assert "Max memory: not measured." in format_seed(rows)
+    console = Console(file=io.StringIO(), width=250)
+    render_table(rows, console)
+    for text in (console.file.getvalue(), format_markdown(rows)):
+        assert "Net compiled" in text
+        assert text.count(f"peak memory: {COMPILED_CPU_MEMORY}") == 1
+    assert "Net compiled" in format_csv(rows)
+
+
 def test_csv_has_a_line_per_case_with_ratios_and_categories():
     rows = _rows()
     parsed = list(csv.DictReader(io.StringIO(format_csv(rows))))

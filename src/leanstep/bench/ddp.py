@@ -190,10 +190,11 @@ def _row(case: Case, launch: Launch, backend: str, ranks: list[dict], env: dict)
     step time), the largest peak of any rank, and the FLOPs of all ranks; plus every rank's own
     figures under ``ranks``."""
     slowest = max(ranks, key=lambda r: r["step_ms_median"])
-    largest = max(ranks, key=lambda r: r["peak_mib"])
+    largest = max(ranks, key=lambda r: r["peak_mib"] or 0.0)  # None: not measured (compiled)
     combined = {
         **slowest,
-        **{key: largest[key] for key in ("peak_mib", "reserved_mib", "memory")},
+        **{key: largest.get(key) for key in ("peak_mib", "reserved_mib", "memory",
+                                             "memory_note")},
         "flops": sum(r["flops"] for r in ranks),
     }
     return {**make_row(case, [combined], env), **_ddp_fields(launch, backend, ranks)}

@@ -76,19 +76,38 @@ def compile_counts() -> dict:
     }
 
 
+# A tensor-level tracker is a dispatch mode, and under a dispatch mode a torch.compile'd model
+# runs eagerly: its figures would be the eager step's, under the compiled row's name.
+COMPILED_CPU_MEMORY = ("not measured: compiled on CPU, where the tensor-level tracker would "
+                       "make torch.compile run the step eagerly (on CUDA the compiled peak "
+                       "is measured)")
+COMPILED_BREAKDOWN = ("peak of the compiled step; no breakdown by category: the tracker would "
+                      "make torch.compile run the step eagerly")
+
+
 def memory_pass(step: TrainStep, case: Case) -> dict:
-    """Peak memory of one step after warm-up, at the case's memory batch and image size."""
+    """Peak memory of one step after warm-up, at the case's memory batch and image size.
+
+    A compiled step: on CUDA the peak (the allocator's counters) without the breakdown, on the
+    CPU nothing; ``memory_note`` says why."""
+    if case.compile and step.device.type != "cuda":
+        return {"peak_mib": None, "reserved_mib": None, "memory": None,
+                "memory_note": COMPILED_CPU_MEMORY}
     memory_case = case.memory_case()
     if (memory_case.batch_size, memory_case.image_hw) != (case.batch_size, case.image_hw):
         step.set_input(memory_case.batch_size, memory_case.image_hw)
         if step.device.type == "cuda":
             warm_up(step, 1)
-    peak = measured_peak(step, *step.tracked_objects(), device=step.device)
-    return {
+    peak = measured_peak(step, *step.tracked_objects(), device=step.device,
+                         breakdown=not case.compile)
+    result = {
         "peak_mib": peak["peak_mib"],
         "reserved_mib": peak.get("reserved_mib"),
         "memory": peak["memory"],
     }
+    if case.compile:
+        result["memory_note"] = COMPILED_BREAKDOWN
+    return result
 
 
 class _Phases:

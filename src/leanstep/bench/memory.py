@@ -78,14 +78,14 @@ def _tracked_peak(step_fn: Callable[[], object], tracked: tuple, device: torch.d
 
 def measured_peak(
     step_fn: Callable[[], object], *tracked: nn.Module | torch.optim.Optimizer | torch.Tensor,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", breakdown: bool = True,
 ) -> dict:
     """Peak memory of one ``step_fn()`` call, in MiB, with its breakdown by category.
 
     ``tracked`` are the objects that exist before the call (model, optimizer, input): their
     tensors count towards the peak. On CPU the peak is MemTracker's (tensor-level). On CUDA it is
     ``torch.cuda.max_memory_allocated`` after a reset, with ``reserved_mib`` beside it, and the
-    breakdown comes from a second, tracked call.
+    breakdown comes from a second, tracked call (``breakdown=False``: none, ``memory`` None).
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -97,10 +97,12 @@ def measured_peak(
     torch.cuda.synchronize(index)
     allocated = torch.cuda.max_memory_allocated(index) / MIB
     reserved = torch.cuda.max_memory_reserved(index) / MIB
-    breakdown = _tracked_peak(step_fn, tracked, torch.device("cuda", index))
+    if not breakdown:
+        return {"peak_mib": allocated, "reserved_mib": reserved, "memory": None}
+    tracked_call = _tracked_peak(step_fn, tracked, torch.device("cuda", index))
     return {
         "peak_mib": allocated,
         "reserved_mib": reserved,
-        "tracked_peak_mib": breakdown["peak_mib"],
-        "memory": breakdown["memory"],
+        "tracked_peak_mib": tracked_call["peak_mib"],
+        "memory": tracked_call["memory"],
     }

@@ -57,7 +57,8 @@ def ratios(group: list[dict]) -> dict[str, dict[str, float | None]]:
         act, base_act = _activations(row), _activations(base)
         result[row["name"]] = {
             "time_x": _step_ms(row) / _step_ms(base),
-            "memory_x": row["peak_mib"] / base["peak_mib"] if base["peak_mib"] else None,
+            "memory_x": (row["peak_mib"] / base["peak_mib"]
+                         if row["peak_mib"] is not None and base["peak_mib"] else None),
             "act_x": act / base_act if act is not None and base_act else None,
         }
     return result
@@ -95,9 +96,11 @@ def _seed_lines(row: dict, common_size: int | None) -> list[str]:
     timing = f"{row['fwd_ms_mean']:.2f}+-{row['fwd_ms_std']:.2f} msecs Forward."
     if row.get("mode") != "infer":
         timing += f" {row['bwd_ms_mean']:.2f}+-{row['bwd_ms_std']:.2f} msecs Backward."
-    memory = f"Max memory: {row['peak_mib']:.2f}Mb."
+    memory = f"Max memory: {row['peak_mib']:.2f}Mb." if row["peak_mib"] is not None else (
+        "Max memory: not measured.")
     memory_config = (row.get("memory_batch_size"), row.get("memory_image_size"))
-    if memory_config != (row["batch_size"], row["image_size"]) and None not in memory_config:
+    if memory_config != (row["batch_size"], row["image_size"]) and None not in memory_config and (
+            row["peak_mib"] is not None):
         memory = (
             f"Max memory: {row['peak_mib']:.2f}Mb at BS={memory_config[0]}, {memory_config[1]}px."
         )
@@ -195,6 +198,13 @@ def _group_lines(group: list[dict]) -> tuple[list[str], list[list[str]]]:
 _NOTE = "! = timing not to be trusted (cpu share < 0.85, IQR > 10% of median, graph breaks)"
 
 
+def _memory_notes(rows: list[dict]) -> list[str]:
+    """Why some rows' peak is missing or has no breakdown (compiled steps), once per reason."""
+    notes = dict.fromkeys(row["memory_note"] for row in rows
+                          if _ok(row) and row.get("memory_note"))
+    return [f"peak memory: {note}" for note in notes]
+
+
 def render_table(rows: list[dict], console=None) -> None:
     """Print a rich table per group; failed rows in yellow, flagged rows in red."""
     console = console or make_console()
@@ -204,6 +214,8 @@ def render_table(rows: list[dict], console=None) -> None:
         print_table(columns, lines, title=name, styles=styles, out=console)
     if any(flags(row) for row in rows):
         console.print(_NOTE, highlight=False)
+    for note in _memory_notes(rows):
+        console.print(note, highlight=False)
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -214,6 +226,7 @@ def format_markdown(rows: list[dict]) -> str:
         parts.append(f"### {name}\n\n" + markdown_table(columns, lines))
     if any(flags(row) for row in rows):
         parts.append(_NOTE)
+    parts.extend(_memory_notes(rows))
     return "\n\n".join(parts) + "\n"
 
 

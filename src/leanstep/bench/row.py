@@ -54,6 +54,7 @@ class Measured:
     peak_mib: float | None = None
     reserved_mib: float | None = None
     memory: dict | None = None
+    memory_note: str | None = None
     predicted_mib: float | None = None
     predict_error: str | None = None
     flops: int | None = None

@@ -23,7 +23,8 @@ __all__ = ["failed", "make_row", "run_suite", "schedule", "split_runs"]
 
 # Figures a row takes from its first round (memory, FLOPs, prediction, compilation).
 _FIRST_ROUND = (
-    "params", "peak_mib", "reserved_mib", "memory", "predicted_mib", "predict_error", "flops",
+    "params", "peak_mib", "reserved_mib", "memory", "memory_note", "predicted_mib",
+    "predict_error", "flops",
     "compile_seconds", "compile_graphs", "compile_graph_breaks", "compile_break_reasons",
     "phase_seconds",
 )
