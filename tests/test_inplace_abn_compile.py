@@ -116,9 +116,10 @@ def test_compiled_training_equals_eager():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert compiled_model[1].num_batches_tracked.item() == 2  # updated once per step
 
-def test_compiled_layer_on_a_graph_input_keeps_its_gradient_and_writes_the_input():
-    # torch 2.13's compile drops mark_dirty on a graph input: the gradient would skip the
-    # layer (dx off by a factor of gamma * invstd) unless the layer writes a copy there.
+def test_compiled_layer_on_a_graph_input_keeps_its_gradient():
+    # torch 2.13's compile drops an autograd Function's mark_dirty on a graph input (the
+    # gradient would skip the layer); compiled, the layer runs ABN's maths instead, returns
+    # what eager returns, and leaves its input as it was (documented).
     torch.manual_seed(0)
     eager = InplaceABN(6, "leaky_relu", 0.1)
     with torch.no_grad():
@@ -129,16 +130,17 @@ def test_compiled_layer_on_a_graph_input_keeps_its_gradient_and_writes_the_input
     results = []
     for model in (eager, compiled):
         leaf = x.clone().requires_grad_(True)
-        written = leaf * 1.0
-        out = model(written)
+        inner = leaf * 1.0
+        out = model(inner)
         out.backward(grad)
-        results.append((leaf.grad, written.detach(), layer.weight.grad))
+        results.append((leaf.grad, out.detach(), inner.detach()))
     torch._dynamo.reset()
-    (eager_dx, eager_written, _), (compiled_dx, compiled_written, _) = results
+    (eager_dx, eager_out, eager_inner), (compiled_dx, compiled_out, compiled_inner) = results
     torch.testing.assert_close(compiled_dx, eager_dx, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled_written, eager_written)  # in place, as in eager
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eager_inner, eager_out)  # eager: written in place
+    torch.testing.assert_close(compiled_inner, x)  # compiled: left as it was
     torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-5)
-
 
 
 def test_double_backward_raises_one_clear_error():
@@ -169,3 +171,58 @@ def test_trace_in_eval_mode_works_and_computes_plain_batchnorm_then_activation()
     reference = nn.Sequential(copy.deepcopy(model[0]), ABN(4, "leaky_relu", 0.2)).eval()
     reference[1].load_state_dict(model[1].state_dict())
     torch.testing.assert_close(traced(x), reference(x))
+
+
+def _compiled_saved_mib(norm: str) -> float:
+    """MiB the compiled training step keeps for backward (the partitioned forward graph's
+    outputs: saved tensors, plus the loss and buffers, alike for every norm)."""
+    from functools import partial
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    kept = []
+
+    def partition(joint, inputs, **kwargs):
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        output = next(n for n in forward.graph.nodes if n.op == "output")
+        kept.append(sum(v.meta["val"].numel() * v.meta["val"].element_size()
+                        for v in output.args[0]
+                        if isinstance(getattr(v, "meta", {}).get("val"), torch.Tensor)))
+        return forward, backward
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward,
+                           bw_compiler=lambda gm, _: gm.forward, partition_fn=partial(partition))
+    torch.manual_seed(0)
+    model = create_model("resnet18", norm=norm, activation="leaky_relu", num_classes=10)
+    torch.compile(model, backend=backend, fullgraph=True)(
+        torch.randn(4, 3, 64, 64)).mean().backward()
+    torch._dynamo.reset()
+    return sum(kept) / 2**20
+
+
+def test_compiled_inplace_abn_keeps_no_more_than_compiled_abn():
+    """Compiled, the partitioner decides what backward keeps; InplaceABN (ABN's maths there,
+    activation in place) keeps what ABN keeps, not more."""
+    abn, inplace = _compiled_saved_mib("abn"), _compiled_saved_mib("inplace_abn")
+    assert 0 < inplace <= abn * 1.001
+
+
+def test_compiled_gradients_are_accurate_for_ill_conditioned_channels():
+    torch.manual_seed(0)
+    layer = InplaceABN(8, "leaky_relu", 0.01)
+    with torch.no_grad():
+        layer.weight[:4] = torch.tensor([0.0, 1e-6, -1e-3, 2e-2])
+        layer.bias[:4] = torch.tensor([10.0, -1e4, 50.0, 1e3])
+    reference = copy.deepcopy(layer).double()
+    compiled = torch.compile(layer, fullgraph=True)
+    x, grad = torch.randn(4, 8, 6, 6) * 3 + 1, torch.randn(4, 8, 6, 6)
+    got = []
+    for model, dtype in ((compiled, torch.float32), (reference, torch.float64)):
+        leaf = x.to(dtype, copy=True).requires_grad_(True)
+        model(leaf * 1.0).backward(grad.to(dtype))
+        got.append((leaf.grad, model.weight.grad, model.bias.grad))
+    torch._dynamo.reset()
+    for a, b in zip(*got, strict=True):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+    assert layer.unprotected_channels.item() == 0  # nothing rebuilt, nothing left out

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CONDITION_LIMIT",
+    "cumulative_update",
     "ELU_SATURATION",
     "InplaceABNFunction",
     "tiny_gamma",
@@ -89,6 +90,17 @@ def _condition(gamma, beta, tiny=None):
     return ratio.nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
+def cumulative_update(x, running_mean, running_var, factor):
+    """momentum=None: fold the batch statistics of ``x`` into the running ones with weight
+    ``factor`` (a device scalar, 1 / num_batches_tracked). The native kernel takes the weight
+    as a host float, which would be a host-device sync."""
+    dims = [0, *range(2, x.dim())]
+    with torch.no_grad():
+        var, batch_mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=dims, correction=1)
+        running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
+        running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
+
+
 def unprotected_count(condition, protect):
     """How many channels with ``condition`` (from ``_condition``) > CONDITION_LIMIT fall outside
     a budget of ``protect``: the top ``protect`` of the ranking hold every ill-conditioned
@@ -127,12 +139,7 @@ class InplaceABNFunction(torch.autograd.Function):
             y = None
         else:
             if factor is not None:
-                # momentum=None: a cumulative average whose weight is a device scalar; the
-                # native kernel takes the weight as a host float, which would be a sync.
-                dims = [0, *range(2, x.dim())]
-                var, batch_mean = torch.var_mean(x.to(acc), dim=dims, correction=1)
-                running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
-                running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
+                cumulative_update(x, running_mean, running_var, factor)
                 running_mean_arg = running_var_arg = None
             else:
                 running_mean_arg, running_var_arg = running_mean, running_var
