@@ -125,7 +125,7 @@ def test_compiled_layer_on_a_graph_input_keeps_its_gradient():
     with torch.no_grad():
         eager.weight.uniform_(0.5, 3.0)
     layer = copy.deepcopy(eager)
-    compiled = torch.compile(layer, fullgraph=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x, grad = torch.randn(4, 6, 5, 5), torch.randn(4, 6, 5, 5)
     results = []
     for model in (eager, compiled):
@@ -215,7 +215,7 @@ def test_compiled_gradients_are_accurate_for_ill_conditioned_channels():
         layer.weight[:4] = torch.tensor([0.0, 1e-6, -1e-3, 2e-2])
         layer.bias[:4] = torch.tensor([10.0, -1e4, 50.0, 1e3])
     reference = copy.deepcopy(layer).double()
-    compiled = torch.compile(layer, fullgraph=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x, grad = torch.randn(4, 8, 6, 6) * 3 + 1, torch.randn(4, 8, 6, 6)
     got = []
     for model, dtype in ((compiled, torch.float32), (reference, torch.float64)):
