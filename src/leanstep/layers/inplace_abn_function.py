@@ -7,7 +7,9 @@ affine transform to rebuild the input from the output, and runs the native batch
 
 Everything here is static in shape and free of host reads of device values (no ``nonzero``,
 ``item``, ``float(tensor)``, Python branches on tensor values), so ``torch.compile`` traces it
-into the surrounding graph and a CUDA stream never waits for the host.
+into the surrounding graph and a CUDA stream never waits for the host. (Compiled, the InplaceABN
+module runs ABN's maths instead, see ``InplaceABN._compiled_forward``; the Function is traced
+there only for InplaceABNSync with a process group.)
 
 Ill-conditioned channels. Rebuilding xhat = (y - beta) / gamma from a rounded y loses about
 ``eps * |beta / gamma|`` of absolute accuracy (all of it when gamma == 0 or is so tiny that y
