@@ -96,14 +96,14 @@ def _seed_lines(row: dict, common_size: int | None) -> list[str]:
     timing = f"{row['fwd_ms_mean']:.2f}+-{row['fwd_ms_std']:.2f} msecs Forward."
     if row.get("mode") != "infer":
         timing += f" {row['bwd_ms_mean']:.2f}+-{row['bwd_ms_std']:.2f} msecs Backward."
-    memory = f"Max memory: {row['peak_mib']:.2f}Mb." if row["peak_mib"] is not None else (
-        "Max memory: not measured.")
+    peak = row["peak_mib"]
     memory_config = (row.get("memory_batch_size"), row.get("memory_image_size"))
-    if memory_config != (row["batch_size"], row["image_size"]) and None not in memory_config and (
-            row["peak_mib"] is not None):
-        memory = (
-            f"Max memory: {row['peak_mib']:.2f}Mb at BS={memory_config[0]}, {memory_config[1]}px."
-        )
+    if peak is None:
+        memory = "Max memory: not measured."
+    elif memory_config != (row["batch_size"], row["image_size"]) and None not in memory_config:
+        memory = f"Max memory: {peak:.2f}Mb at BS={memory_config[0]}, {memory_config[1]}px."
+    else:
+        memory = f"Max memory: {peak:.2f}Mb."
     lines = [
         f"**{row['name']} {row['params'] / 1e6:.2f}M params**",
         f"Mean of {row['runs']} runs {row['iters']} iters each BS={row['batch_size']}{size}: "

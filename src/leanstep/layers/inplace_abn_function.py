@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "CONDITION_LIMIT",
-    "cumulative_update",
     "ELU_SATURATION",
     "InplaceABNFunction",
+    "activate_",
+    "cumulative_update",
     "tiny_gamma",
     "unprotected_count",
 ]
@@ -101,6 +102,15 @@ def cumulative_update(x, running_mean, running_var, factor):
         var, batch_mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=dims, correction=1)
         running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
         running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
+
+
+def activate_(x, activation, slope):
+    """Apply InplaceABN's activation ("leaky_relu", "elu", "identity") to ``x`` in place."""
+    if activation == "leaky_relu":
+        return F.leaky_relu_(x, slope)
+    if activation == "elu":
+        return F.elu_(x, slope)
+    return x
 
 
 def unprotected_count(condition, protect):
@@ -183,10 +193,7 @@ class InplaceABNFunction(torch.autograd.Function):
         elif y is not x:
             x.copy_(y)
             del y
-        if activation == "leaky_relu":
-            F.leaky_relu_(x, slope)
-        elif activation == "elu":
-            F.elu_(x, slope)
+        activate_(x, activation, slope)
         ctx.mark_dirty(x)
 
         # Backward's per-channel parameters. rebuild: (centre, spread, factor) of one native

@@ -28,7 +28,12 @@ from .activations import (
     canonical_activation,
     get_activation,
 )
-from .inplace_abn_function import InplaceABNFunction, cumulative_update, unprotected_count
+from .inplace_abn_function import (
+    InplaceABNFunction,
+    activate_,
+    cumulative_update,
+    unprotected_count,
+)
 
 __all__ = [
     "ABN",
@@ -195,14 +200,12 @@ class InplaceABN(BatchNormAct):
                 factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         if group is None and torch.compiler.is_compiling():
             return self._compiled_forward(x, track, factor)
-        if not written:
-            x = x.clone()
         # torch.compile (2.13) drops mark_dirty when the written tensor is an input of the
         # compiled graph: its gradient would bypass this layer. There InplaceABNSync writes a
         # copy and copies the result back, an input mutation the compiler handles; for a
         # tensor made inside the graph the copies are functionalised away.
         target = x if written and torch.compiler.is_compiling() else None
-        if target is not None:
+        if not written or target is not None:
             x = x.clone()
         out = InplaceABNFunction.apply(
             x,
@@ -232,20 +235,15 @@ class InplaceABN(BatchNormAct):
         the returned tensor, as models do."""
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        momentum = self.momentum
         if factor is not None:
-            cumulative_update(x.detach(), running_mean, running_var, factor)
+            cumulative_update(x, running_mean, running_var, factor)
             running_mean = running_var = None
         self.channel_condition.zero_()  # nothing is rebuilt, nothing ill-conditioned
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True,
-                         momentum if momentum is not None else 0.0, self.eps)
+                         self.momentum or 0.0, self.eps)
         # In place, as ABN: the activation's backward then reads its output (which the next
         # layer keeps anyway), not the batch norm's output.
-        if self.activation_name == "leaky_relu":
-            return F.leaky_relu_(y, self.slope)
-        if self.activation_name == "elu":
-            return F.elu_(y, self.slope)
-        return y
+        return activate_(y, self.activation_name, self.slope)
 
     def __prepare_scriptable__(self):
         """torch.jit.script cannot compile InplaceABN's autograd Function: one clear error.
