@@ -336,14 +336,17 @@ def test_autocast_bfloat16_on_cpu_matches_batchnorm_act():
         assert _relative_error(actual, expected) < tolerance
 
 
-def test_leaf_input_that_requires_grad_is_not_modified_and_gets_correct_grads():
+@pytest.mark.parametrize("view", [lambda x: x, lambda x: x.view(2, 3, 4, 4), lambda x: x[:, :3]],
+                         ids=["leaf", "view of a leaf", "slice of a leaf"])
+def test_leaf_input_that_requires_grad_is_not_modified_and_gets_correct_grads(view):
+    """A leaf, or a view of one (which autograd forbids writing in place), is copied first."""
     module = InplaceABN(3, "elu", 0.7).double()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     before = x.detach().clone()
     reference = _reference_norm(module, 4)
     x_reference = x.detach().clone().requires_grad_()
     grad_output = torch.randn_like(before)
-    module(x).backward(grad_output)
+    module(view(x)).backward(grad_output)
     F.elu(reference(x_reference), 0.7).backward(grad_output)
     torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, x_reference.grad, **EXACT)

@@ -118,11 +118,12 @@ class InplaceABN(BatchNormAct):
     input: use the returned tensor.
 
     In place is only safe on a tensor nobody else needs. The input is overwritten when it is an
-    intermediate of the autograd graph (``requires_grad`` and not a leaf); any other input (a
-    leaf such as the user's image batch, or a tensor outside autograd) is copied first, so user
-    data is never modified. If an earlier op saved the input for its own backward (e.g. a
-    sigmoid's output), autograd's version check raises "modified by an inplace operation" at
-    backward: put InplaceABN after a convolution or linear layer, as models do.
+    intermediate of the autograd graph (``requires_grad``, neither a leaf nor a view of one); any
+    other input (a leaf such as the user's image batch or a view of it, or a tensor outside
+    autograd) is copied first, so user data is never modified. If an earlier op saved the input
+    for its own backward (e.g. a sigmoid's output), autograd's version check raises "modified by
+    an inplace operation" at backward: put InplaceABN after a convolution or linear layer, as
+    models do.
 
     Statistics are accumulated in float32 for float16/bfloat16 inputs (and kept in float32 when
     the module is float32, as under autocast); the output keeps the input's dtype and memory
@@ -191,7 +192,10 @@ class InplaceABN(BatchNormAct):
                 f"{type(self).__name__}: expected more than 1 value per channel when training, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        written = x.requires_grad and not x.is_leaf  # else the input is left as it was
+        # Else the input is left as it was: a leaf, a view of a leaf (autograd forbids writing
+        # either in place), a tensor outside autograd.
+        written = x.requires_grad and not x.is_leaf and not (
+            x._base is not None and x._base.is_leaf)
         track = self.training and self.track_running_stats and self.running_mean is not None
         factor = None
         if track:
