@@ -212,6 +212,10 @@ class InplaceABNFunction(torch.autograd.Function):
             if activation != "identity":  # identity has no branch to take
                 rows += [invstd * gamma.sign(), beta / magnitude]
             kept = torch.stack(rows).index_select(1, index)
+            if activation != "identity" and group is None:
+                # Backward rebuilds these channels from their input, in the same native
+                # backward as the others: their (centre, spread, factor) are (mean, invstd, gamma).
+                rebuild.index_copy_(1, index, kept[:3])
         stats = torch.stack([mean, invstd, gamma]) if group is not None else None
         ctx.save_for_backward(x, rebuild, index, copy, kept, stats, count)
         ctx.activation, ctx.slope, ctx.eps, ctx.group = activation, slope, eps, group
@@ -253,24 +257,31 @@ class InplaceABNFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = group_backward(
                 dy.to(acc), x, gamma, mean, invstd, count, ctx.group, needs[0]
             )
+        elif protected and y is not z:
+            # y and dy are this backward's own tensors: the protected channels' input and dL/dy
+            # go into them, and one native backward serves every channel (``rebuild`` holds the
+            # protected channels' mean, invstd and gamma).
+            y.index_copy_(1, index, copy)
+            dy.index_copy_(1, index, _protected_dy(grad_output, z, copy, index, kept,
+                                                   activation, slope))
+            grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
+            )
         else:
-            # The saved channels get a backward of their own over their input, written over
-            # what the full one makes of them (each channel's gradients depend on that channel
-            # alone). It runs after the full one once y and dy are freed, so that it adds
-            # nothing to the layer's peak; for identity (y is z, nothing to free) before it,
-            # so that only its input gradient is alive beside the full one.
+            # identity (y is z, dy is grad_output: neither is this backward's to write): the
+            # saved channels get a backward of their own over their input, written over what
+            # the full one makes of them (each channel's gradients depend on that channel
+            # alone). It runs before the full one, so that only its input gradient is alive
+            # beside the full one.
             def protected_part():
                 return _protected_backward(grad_output, z, copy, index, kept, activation,
                                            slope, ctx.eps, needs)
 
-            parts = protected_part() if protected and y is z else None
+            parts = protected_part() if protected else None
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 dy, y, factor, None, None, centre, spread, True, ctx.eps, needs
             )
             if protected:
-                if parts is None:
-                    del y, dy
-                    parts = protected_part()
                 for dim, full, part in zip((1, 0, 0), (grad_input, grad_weight, grad_bias),
                                            parts, strict=True):
                     if full is not None:
