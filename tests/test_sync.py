@@ -110,6 +110,15 @@ def _sync_worker(rank, world_size, port, inputs, upstreams, result_dir):
             _layer(InplaceABNSync, CONFIGS["world"], group=singles[rank]), mine, upstream_mine
         )
         results["local"] = _run_steps(_layer(InplaceABN, CONFIGS["world"]), mine, upstream_mine)
+        for name, config in CONFIGS.items():
+            # Compiled (AOTAutograd, where the in-place write is functionalised): the layer's
+            # input is a graph input, the case where torch drops mark_dirty.
+            layer = torch.compile(_layer(InplaceABNSync, config, group=groups[name]),
+                                  backend="aot_eager")
+            results[f"compiled {name}"] = _run_steps(layer, mine, upstream_mine)
+            explained = torch._dynamo.explain(_layer(InplaceABNSync, config, group=groups[name]))
+            results.setdefault("graph breaks", {})[name] = explained(
+                mine[0].clone().requires_grad_(True) * 1.0).graph_break_count
         x = mine[0].clone().requires_grad_(True) * 1.0
         results["saved_bytes"] = {
             "sync": saved_tensor_bytes(_layer(InplaceABNSync, CONFIGS["world"]), x.clone()),
@@ -170,16 +179,18 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("reference", ["inplace_abn", "batchnorm2d"])
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_two_ranks_with_uneven_batches_match_one_process(
-    two_process_results, config_name, reference
+    two_process_results, config_name, reference, mode
 ):
     inputs, upstreams, ranks = two_process_results
     config = CONFIGS[config_name]
     cls = InplaceABN if reference == "inplace_abn" else _BatchNorm2dThenActivation
     expected = _run_steps(_layer(cls, config), inputs, upstreams)
+    entry = config_name if mode == "eager" else f"compiled {config_name}"
     diffs = {}
     for step in range(STEPS):
-        per_rank = [rank[config_name][step] for rank in ranks]
+        per_rank = [rank[entry][step] for rank in ranks]
         for key in ("output", "grad_input"):
             got = torch.cat([result[key] for result in per_rank])
             diffs[key] = max(diffs.get(key, 0.0), _max_diff(got, expected[step][key]))
@@ -189,8 +200,13 @@ def test_two_ranks_with_uneven_batches_match_one_process(
         for key in ("running_mean", "running_var", "num_batches_tracked"):
             for result in per_rank:
                 diffs[key] = max(diffs.get(key, 0.0), _max_diff(result[key], expected[step][key]))
-    print(f"{config_name} vs {reference}: max abs diffs {diffs}")
+    print(f"{mode} {config_name} vs {reference}: max abs diffs {diffs}")
     assert all(diff <= TOLERANCE for diff in diffs.values()), diffs
+
+
+def test_synchronised_layer_compiles_to_one_graph_with_a_process_group(two_process_results):
+    for rank in two_process_results[2]:
+        assert rank["graph breaks"] == {name: 0 for name in CONFIGS}
 
 
 def test_synchronised_layer_saves_what_inplace_abn_saves(two_process_results):
