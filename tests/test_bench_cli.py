@@ -72,6 +72,7 @@ def _bench_in_process(workdir: Path, monkeypatch, capsys, *args: str) -> tuple[i
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])
     )
+    monkeypatch.syspath_prepend(str(workdir))  # the command resolves model specs here too
     code = main(["bench", *args, "--no-progress"])
     return code, capsys.readouterr().out
 

@@ -34,7 +34,7 @@ __all__ = [
     "temporary_meta_kernels",
 ]
 
-TESTED_TORCH = "2.13"
+TESTED_TORCH = "2.13 and 2.14"
 _TOTAL = "Total"  # MemTracker's key for the sum of all categories
 
 
