@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # Subcommand name -> module defining `add_arguments(parser)` and `run(args) -> int`;
 # the module docstring's first line is the subcommand's help.
@@ -43,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args._argv = argv  # the command line as given, for hints that repeat it
+    # A warning is one line, as errors are (not Python's file:line and source line).
+    default_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: (
+        f"leanstep {args.command}: warning: {message}\n")
     try:
         return args._run(args)
     except ValueError as error:
         print(f"leanstep {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

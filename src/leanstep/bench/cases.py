@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .specs import build_from_spec
+from .specs import build_from_spec, parse_spec
 from .step import TrainStep
 
 __all__ = [
@@ -182,6 +182,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _zoo_hint(case: Case) -> str:
+    """For ``--norm``/``--activation`` given to a model outside leanstep's zoo: what to use."""
+    zoo_options = sorted({"norm", "activation"} & set(case.options))
+    if not zoo_options or parse_spec(case.model).kind == "leanstep":
+        return ""
+    flags = " and ".join(f"--{name}" for name in zoo_options)
+    verb = "are" if len(zoo_options) > 1 else "is"
+    return (f"; {flags} {verb} for leanstep's zoo models: for {case.model} use --convert "
+            f"abn|inplace_abn (with --activation for the converted layers)")
+
+
 def build_model(case: Case) -> nn.Module:
     """The model ``case.model`` names, built with ``case.options``.
 
@@ -194,7 +205,7 @@ def build_model(case: Case) -> nn.Module:
             options=case.options,
         )
     except TypeError as error:  # a keyword the builder does not take
-        raise ValueError(f"cannot build model {case.model!r}: {error}") from None
+        raise ValueError(f"cannot build model {case.model!r}: {error}{_zoo_hint(case)}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"model spec {case.model!r} built a {type(model).__name__}, not a torch.nn.Module"

@@ -6,8 +6,9 @@ step with the first's (``leanstep.bench.verify``). ``--precision`` runs each var
 precision, and ``--mode``, ``--channels-last``, ``--compile``, ``--optimizer`` and ``--loss`` as
 they say, each compared with the float64 eager step of the first variant at a tolerance that
 scales with the precision. When the first variant is transformed (``--lean``,
-``--checkpoint``, ``--convert``), the untouched model is the reference. Exit code 1 if a
-difference exceeds the tolerance.
+``--checkpoint``, ``--convert``), the untouched model is the reference (with ``--convert``'s
+``--activation``, the untouched model with that activation). Exit code 1 if a difference exceeds
+the tolerance.
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ def _settings(case, explicit_precision: bool) -> StepSettings:
     )
 
 
+def _reference_case(first):
+    """--lean / --checkpoint / --convert: the untouched model is the reference; where --convert
+    replaces the activation (asked for by name), the untouched model with that activation (its
+    norm+activation pairs as ABN, the same maths), so that the check is the memory saving's."""
+    if first.convert_activation is not None:
+        return dataclasses.replace(
+            first, lean=False, checkpoint=None, convert="abn",
+            name=f"{first.model} untouched but for activation {first.convert_activation}")
+    return dataclasses.replace(first, lean=False, checkpoint=None, convert=None,
+                               convert_activation=None, name=f"{first.model} untouched")
+
+
 def run(args: argparse.Namespace) -> int:
     if is_suite(args.target):
         raise ValueError("verify takes a model and variant options, not a suite file")
@@ -83,11 +96,7 @@ def run(args: argparse.Namespace) -> int:
     _refuse_timing_options(args)
     cases = list(suite_from_args(args).cases)
     if cases and cases[0].transformed:
-        # --lean / --checkpoint / --convert: compared against the untouched model.
-        first = cases[0]
-        cases.insert(0, dataclasses.replace(
-            first, lean=False, checkpoint=None, convert=None, convert_activation=None,
-            name=f"{first.model} untouched"))
+        cases.insert(0, _reference_case(cases[0]))
     settings = [_settings(case, args.precision is not None) for case in cases]
     for case in cases:
         validate_case(case, require_device=False)
