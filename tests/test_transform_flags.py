@@ -123,6 +123,13 @@ def test_zoo_norm_option_on_another_model_points_to_convert(capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "unexpected keyword argument 'norm'" in err
     assert f"--norm is for leanstep's zoo models: for {MODEL} use --convert abn|inplace_abn" in err
+    # --activation without --convert (here the first of --convert none,abn).
+    code = main(["predict", MODEL, "--bs", "2", "--size", "16", "--convert", "none,abn",
+                 "--activation", "leaky_relu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--activation is the activation of the layers --convert converts: give this " \
+           "variant --convert abn|inplace_abn too" in err
 
 
 def test_warnings_of_a_command_are_one_line():
@@ -191,6 +198,18 @@ def test_nothing_to_transform_warns_and_is_still_predicted():
 
 
 # --- commands ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["flag_models:pre_activation"],  # a pair InplaceABN leaves (its input is the shortcut)
+    ["resnet18", "--norm", "abn"],  # ABN layers already, which the InplaceABN conversion takes
+], ids=["pair left", "abn layers"])
+def test_verify_of_an_activation_change_compares_the_same_layers(capsys, argv):
+    """The reference converts exactly the layers the variant converts (as ABN)."""
+    code = main(["verify", *argv, "--convert", "inplace_abn", "--activation", "leaky_relu",
+                 "--bs", "2", "--size", "16", "--json"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert code == 0 and result["passed"], result
+
 
 def test_verify_compares_transformed_with_untouched(capsys):
     code, (result,) = _json(capsys, "verify", MODEL, "--lean", "--checkpoint", "none,2",

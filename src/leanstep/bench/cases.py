@@ -184,13 +184,14 @@ def available_cores() -> int:
 
 def _zoo_hint(case: Case) -> str:
     """For ``--norm``/``--activation`` given to a model outside leanstep's zoo: what to use."""
-    zoo_options = sorted({"norm", "activation"} & set(case.options))
+    zoo_options = {"norm", "activation"} & set(case.options)
     if not zoo_options or parse_spec(case.model).kind == "leanstep":
         return ""
-    flags = " and ".join(f"--{name}" for name in zoo_options)
-    verb = "are" if len(zoo_options) > 1 else "is"
-    return (f"; {flags} {verb} for leanstep's zoo models: for {case.model} use --convert "
-            f"abn|inplace_abn (with --activation for the converted layers)")
+    if "norm" in zoo_options:
+        return (f"; --norm is for leanstep's zoo models: for {case.model} use --convert "
+                f"abn|inplace_abn (with --activation for the converted layers)")
+    return (f"; for {case.model}, --activation is the activation of the layers --convert "
+            f"converts: give this variant --convert abn|inplace_abn too")
 
 
 def build_model(case: Case) -> nn.Module:

@@ -211,7 +211,10 @@ def _git_commit() -> str | None:
     return completed.stdout.strip() or None
 
 
-_ALLOCATOR_PREFIXES = ("MALLOC_", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "THP_MEM_ALLOC")
+# glibc (MALLOC_*, GLIBC_TUNABLES), jemalloc (MALLOC_CONF, _RJEM_MALLOC_CONF), tcmalloc,
+# mimalloc, a preloaded allocator, PyTorch's own.
+_ALLOCATOR_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "_RJEM_MALLOC_CONF", "TCMALLOC_",
+                       "MIMALLOC_", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "THP_MEM_ALLOC")
 
 
 def environment() -> dict:

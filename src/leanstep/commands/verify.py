@@ -23,6 +23,7 @@ from leanstep.bench.table import print_table
 from leanstep.bench.validate import validate_case
 from leanstep.bench.verify import TOLERANCES, StepSettings, verify_models
 from leanstep.commands.case_args import add_case_arguments, suite_from_args
+from leanstep.transforms.convert import inplace_abn_as_abn
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_IMAGE_SIZE = 64
@@ -76,16 +77,20 @@ def _settings(case, explicit_precision: bool) -> StepSettings:
     )
 
 
-def _reference_case(first):
-    """--lean / --checkpoint / --convert: the untouched model is the reference; where --convert
-    replaces the activation (asked for by name), the untouched model with that activation (its
-    norm+activation pairs as ABN, the same maths), so that the check is the memory saving's."""
-    if first.convert_activation is not None:
-        return dataclasses.replace(
-            first, lean=False, checkpoint=None, convert="abn",
-            name=f"{first.model} untouched but for activation {first.convert_activation}")
-    return dataclasses.replace(first, lean=False, checkpoint=None, convert=None,
-                               convert_activation=None, name=f"{first.model} untouched")
+def _reference(first):
+    """(case, build) of the reference for a transformed first variant (--lean, --checkpoint,
+    --convert): the untouched model; where --convert replaces the activation (asked for by
+    name), the first variant's conversion without lean or checkpointing, its InplaceABN layers
+    as ABN (the same layers, the same activation, BatchNorm's own maths), so that what is
+    checked is the memory saving, not the change asked for."""
+    if first.convert_activation is None:
+        return dataclasses.replace(first, lean=False, checkpoint=None, convert=None,
+                                   convert_activation=None,
+                                   name=f"{first.model} untouched"), build_model
+    case = dataclasses.replace(
+        first, lean=False, checkpoint=None,
+        name=f"{first.model} untouched but for activation {first.convert_activation}")
+    return case, lambda case: inplace_abn_as_abn(build_model(case))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +100,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance!r}")
     _refuse_timing_options(args)
     cases = list(suite_from_args(args).cases)
+    builds = [build_model] * len(cases)
     if cases and cases[0].transformed:
-        cases.insert(0, _reference_case(cases[0]))
+        reference, build = _reference(cases[0])
+        cases.insert(0, reference)
+        builds.insert(0, build)
     settings = [_settings(case, args.precision is not None) for case in cases]
     for case in cases:
         validate_case(case, require_device=False)
@@ -112,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     first = cases[0]
     result = verify_models(
-        [(case.name, build_model(case)) for case in cases],
+        [(case.name, build(case)) for case, build in zip(cases, builds, strict=True)],
         batch_size=first.batch_size, image_size=first.image_hw,
         in_channels=first.in_channels, num_classes=first.num_classes, seed=args.seed,
         tolerance=args.tolerance, settings=settings,

@@ -35,7 +35,7 @@ from .regions import region_state
 from .summary import ConversionSummary, _remember
 from .tracing import trace_one_level
 
-__all__ = ["CONVERT_NORMS", "convert_norm_act"]
+__all__ = ["CONVERT_NORMS", "convert_norm_act", "inplace_abn_as_abn"]
 
 CONVERT_NORMS = ("abn", "inplace_abn")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -381,3 +381,23 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
                       stacklevel=2)
     _remember("convert", summary)
     return summary
+
+
+def inplace_abn_as_abn(model: nn.Module) -> nn.Module:
+    """Every InplaceABN of ``model`` replaced, in place, by an ABN of the same configuration and
+    state (a module shared by several parents stays shared): the same layers and activation with
+    BatchNorm's own maths, the reference against which ``verify`` checks an InplaceABN
+    conversion that changed the activation."""
+    from leanstep.layers.norm_act import InplaceABN
+
+    replaced: dict[int, ABN] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InplaceABN):
+                if id(child) not in replaced:
+                    abn = ABN(child.num_features, child.activation_name, child.activation_param,
+                              child.eps, child.momentum, child.affine, child.track_running_stats)
+                    abn.load_state_dict(child.state_dict())
+                    replaced[id(child)] = abn.train(child.training)
+                setattr(parent, name, replaced[id(child)])
+    return model
