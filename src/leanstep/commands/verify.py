@@ -6,9 +6,9 @@ step with the first's (``leanstep.bench.verify``). ``--precision`` runs each var
 precision, and ``--mode``, ``--channels-last``, ``--compile``, ``--optimizer`` and ``--loss`` as
 they say, each compared with the float64 eager step of the first variant at a tolerance that
 scales with the precision. When the first variant is transformed (``--lean``,
-``--checkpoint``, ``--convert``), the untouched model is the reference (with ``--convert``'s
-``--activation``, the untouched model with that activation). Exit code 1 if a difference exceeds
-the tolerance.
+``--checkpoint``, ``--convert``), the untouched model is the reference (where ``--convert``
+replaces the activation, the same conversion with ABN for InplaceABN: the activation asked for,
+BatchNorm's own maths). Exit code 1 if a difference exceeds the tolerance.
 """
 
 from __future__ import annotations
