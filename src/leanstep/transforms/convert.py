@@ -384,8 +384,9 @@ def convert_norm_act(model: nn.Module, norm: str = "abn", activation: str | None
 
 
 def inplace_abn_as_abn(model: nn.Module) -> nn.Module:
-    """Every InplaceABN of ``model`` replaced, in place, by an ABN of the same configuration and
-    state (a module shared by several parents stays shared): the same layers and activation with
+    """Every InplaceABN of ``model`` replaced, in place, by an ABN of the same configuration on the
+    same parameter and buffer objects (``_new_layer``; a module shared by several parents stays
+    shared): the same layers and activation with
     BatchNorm's own maths, the reference against which ``verify`` checks an InplaceABN
     conversion that changed the activation."""
     from leanstep.layers.norm_act import InplaceABN
@@ -395,9 +396,7 @@ def inplace_abn_as_abn(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, InplaceABN):
                 if id(child) not in replaced:
-                    abn = ABN(child.num_features, child.activation_name, child.activation_param,
-                              child.eps, child.momentum, child.affine, child.track_running_stats)
-                    abn.load_state_dict(child.state_dict())
-                    replaced[id(child)] = abn.train(child.training)
+                    replaced[id(child)] = _new_layer(child, "abn", child.activation_name,
+                                                     child.activation_param)
                 setattr(parent, name, replaced[id(child)])
     return model
