@@ -1,7 +1,7 @@
 """What a lean region's backward recomputes, counted op by op: batch norms re-apply the batch
-statistics of the forward pass (no second reduction, no second running-stat update), small
-outputs such as a squeeze-excitation's global pool are kept, region inputs are not copied
-unless the region writes them, and a region that starts writing its input later is refused."""
+statistics of the forward pass (no second reduction, no second running-stat update), the convs
+are not run again, region inputs are not copied unless the region writes them, and a region
+that starts writing its input later is refused."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_batch_norms_are_reduced_once_and_pools_kept():
+def test_batch_norms_are_reduced_once_and_convs_kept():
     x = torch.randn(4, 3, 32, 32)
     plain = MobileNet()
     lean = leanstep.lean(copy.deepcopy(plain))
@@ -57,16 +57,19 @@ def test_batch_norms_are_reduced_once_and_pools_kept():
     # inside a region (the stem's and the heads' norms are outside any region).
     recomputed = q.ops[aten.native_batch_norm.default] - q.training_norms
     assert 0 < recomputed <= _norms(plain)
-    # The squeeze-excitation's global pool (a mean over H, W) is kept, not recomputed.
-    assert q.ops[aten.mean.dim] == p.ops[aten.mean.dim]
-    # Region inputs are not copied (no region here writes its input): the forward passes clone
-    # what the model itself clones.
+    # Convolutions run once (their outputs are kept); a squeeze-excitation's global pool (a
+    # mean over H, W: a functional call) is recomputed, at most once.
+    assert q.ops[aten.convolution.default] == p.ops[aten.convolution.default]
+    assert p.ops[aten.mean.dim] < q.ops[aten.mean.dim] <= 2 * p.ops[aten.mean.dim]
+    # Region inputs are not copied (no region here writes its input): the lean forward pass
+    # clones no more than the plain one (which copies what its in-place activations save; the
+    # lean forward records no autograd graph, so it copies none).
     forwards = []
     for model in (plain, lean):
         with _Count() as counted:
             model(x)
         forwards.append(counted.large_clones)
-    assert forwards[0] == forwards[1]
+    assert forwards[1] <= forwards[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

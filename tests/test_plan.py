@@ -94,10 +94,6 @@ def test_recompute_shows_in_the_work(traced):
     # lean recomputes cheap ops only: no conv FLOPs, more bytes; checkpoint recomputes convs.
     assert flops["lean"] == flops["plain"] < flops["checkpoint"]
     assert moved["plain"] < moved["lean"]
-    # Only lean runs ops under a dispatch mode of its own, in every block (forward, recompute).
-    mode_ops = {c: [w.mode_ops for w in traces[c].work] for c in CHOICES}
-    assert all(count > 0 for count in mode_ops["lean"]), mode_ops
-    assert not any(mode_ops["plain"]) and not any(mode_ops["checkpoint"]), mode_ops
 
 
 def test_predicted_peak_equals_the_measured_cpu_peak(traced):
@@ -250,9 +246,6 @@ def test_default_rates_roofline():
     work = Work(compute=[(1e9, 1e7), (1e6, 1e8)], bytes=2e8, ops=4)
     # conv 1: bound by FLOPs (1 s); conv 2: by bytes (1 s); the rest 2 s; 4 ops of 1 us
     assert rates.seconds(work) == pytest.approx(4.000004)
-    # ops under a lean region's dispatch mode pay m each on top
-    assert rates.seconds(Work(bytes=2e8, ops=4, mode_ops=10)) == pytest.approx(
-        2.000004 + 10 * rates.mode_op)
 
 
 def test_cpu_default_flops_follow_the_threads():

@@ -283,8 +283,7 @@ def _print(args: argparse.Namespace, result) -> None:
     rates = report["estimate"]["rates"]
     print(f"\npredicted: {PEAK_LABEL}")
     print(f"{ESTIMATE}; F = {rates['flops'] / 1e9:.0f} GFLOP/s, B = {rates['bytes'] / 1e9:.1f} "
-          f"GB/s, o = {rates['op'] * 1e6:.0f} us, m = {rates.get('mode_op', 0) * 1e6:.0f} us "
-          f"({rates['source']})"
+          f"GB/s, o = {rates['op'] * 1e6:.0f} us ({rates['source']})"
           + ("; scaled to the measured plain step" if rates["plain_step_s"] else ""))
     print("max batch: the largest batch whose predicted peak fits the budget with these choices")
     where = f"; plan written to {args.out}" if args.out else "; --out PLAN.json saves it"

@@ -7,16 +7,13 @@ Every operation of a traced step is costed by a roofline:
             = bytes / B                  for every other operation (bytes read and written:
                                          normalisation, activations, elementwise, pooling)
             + o                          per operation (dispatch and launch overhead)
-            + m                          per operation run under a lean region's dispatch mode
-                                         (its Python handler: forward and recompute)
 
 A choice's cost in a block is the work of that block's forward and backward, recomputation
 included, so the estimate sees what lean recomputes (cheap, bandwidth-bound operations) and what
 checkpointing recomputes (the whole block, convolutions included). F, B and o are defaults for
 the device kind, or measured on this machine by ``calibrate``: one plain step whose operations
 are timed one by one; B = bytes / time of the non-compute ops, F = FLOPs / time of the compute
-ops that B does not bound, o = the time of a tiny op, m = what a dispatch mode adds to it; the
-whole step is timed without
+ops that B does not bound, o = the time of a tiny op; the whole step is timed without
 instrumentation too, and estimates are scaled to it (real seconds).
 """
 
@@ -36,15 +33,14 @@ __all__ = ["DEFAULT_RATES", "ESTIMATE", "Rates", "calibrate", "default_rates"]
 
 ESTIMATE = (
     "estimated step time: every operation of the traced step (recomputation included) costs "
-    "max(FLOPs / F, bytes / B) (convolutions, matmuls) or bytes moved / B (the rest), plus o, "
-    "plus m under a lean region's dispatch mode"
+    "max(FLOPs / F, bytes / B) (convolutions, matmuls) or bytes moved / B (the rest), plus o"
 )
 
 
 @dataclass(frozen=True)
 class Rates:
     """Throughputs of a device: ``flops`` per second, ``bytes`` per second, ``op`` seconds per
-    operation, ``mode_op`` seconds a dispatch mode adds to an operation; ``source`` says where
+    operation; ``source`` says where
     they come from; ``plain_step_s``: the measured plain step (calibrated only), which estimates
     are scaled to."""
 
@@ -53,17 +49,15 @@ class Rates:
     op: float
     source: str
     plain_step_s: float | None = None
-    mode_op: float = 15e-6
 
     def seconds(self, work: Work) -> float:
         compute = sum(max(f / self.flops, b / self.bytes) for f, b in work.compute)
-        return (compute + work.bytes / self.bytes + work.ops * self.op
-                + work.mode_ops * self.mode_op)
+        return compute + work.bytes / self.bytes + work.ops * self.op
 
     def describe(self) -> str:
         return (
             f"F = {self.flops / 1e9:.0f} GFLOP/s, B = {self.bytes / 1e9:.1f} GB/s, "
-            f"o = {self.op * 1e6:.0f} us, m = {self.mode_op * 1e6:.0f} us ({self.source})"
+            f"o = {self.op * 1e6:.0f} us ({self.source})"
         )
 
     def to_dict(self) -> dict:
@@ -136,19 +130,6 @@ def _op_overhead(device: torch.device) -> float:
     return statistics.median(times)
 
 
-class _PassThrough(dispatch_mode_class()):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **kwargs) if kwargs else func(*args)
-
-
-def _mode_overhead(device: torch.device) -> float:
-    """Seconds a Python dispatch mode adds to one tiny operation (a lean region's handler does
-    a little more than this pass-through one)."""
-    with _PassThrough():
-        under_mode = _op_overhead(device)
-    return max(under_mode - _op_overhead(device), 0.0)
-
-
 def _step_seconds(step, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -171,7 +152,6 @@ def calibrate(step, *, repeats: int = 3) -> Rates:
     step()
     plain = _step_seconds(step, repeats)
     overhead = _op_overhead(device)
-    mode_overhead = _mode_overhead(device)
     timer = _OpTimer(device)
     with timer:
         step()
@@ -188,7 +168,7 @@ def calibrate(step, *, repeats: int = 3) -> Rates:
     return Rates(
         flops=flops, bytes=moved, op=overhead,
         source=f"measured on this machine's {name}, {torch.get_num_threads()} threads",
-        plain_step_s=plain, mode_op=mode_overhead,
+        plain_step_s=plain,
     )
 
 

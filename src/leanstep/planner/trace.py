@@ -43,7 +43,6 @@ from leanstep.bench.predict import (
     _use_foreach,
     _warm_up_optimizer,
 )
-from leanstep.transforms.regions import lean_modes_active
 
 from .step import build_step
 
@@ -66,13 +65,11 @@ class UnpredictableError(ValueError):
 @dataclass
 class Work:
     """Work of a part of the step: ``compute``, (FLOPs, bytes moved) of each compute op
-    (convolution, matmul); ``bytes`` moved by all other ops; ``ops``, how many ops ran;
-    ``mode_ops``, how many ops (any kind) ran under a lean region's dispatch mode."""
+    (convolution, matmul); ``bytes`` moved by all other ops; ``ops``, how many ops ran."""
 
     compute: list[tuple[float, float]] = field(default_factory=list)
     bytes: float = 0.0
     ops: int = 0
-    mode_ops: int = 0
 
     @property
     def flops(self) -> float:
@@ -80,7 +77,7 @@ class Work:
 
     def __add__(self, other: Work) -> Work:
         return Work(self.compute + other.compute, self.bytes + other.bytes,
-                    self.ops + other.ops, self.mode_ops + other.mode_ops)
+                    self.ops + other.ops)
 
 
 @dataclass
@@ -202,8 +199,6 @@ def _tracer(blocks: list[nn.Module], block: int):
                 return result
             kwargs = kwargs or {}
             work = self.work.setdefault(self.segment, Work())
-            if lean_modes_active():
-                work.mode_ops += 1
             packet = func._overloadpacket
             formula = formulas.get(packet)
             if formula is not None:

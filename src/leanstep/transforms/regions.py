@@ -44,13 +44,13 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from leanstep.bench._torch_internals import dispatch_mode_class, exclude_dispatch_key
+from .lean_region import run_lean
 
-__all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "lean_modes_active",
-           "region_state", "run_region"]
+__all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
+           "run_region"]
 
 _aten = torch.ops.aten
-# Ops whose outputs a lean region keeps: everything else is recomputed in backward.
+# Ops whose outputs a compiled lean region keeps: everything else is recomputed in backward.
 KEEP_OPS = {
     op
     for name in ("convolution", "_convolution", "mm", "addmm", "bmm", "baddbmm",
@@ -60,196 +60,16 @@ KEEP_OPS = {
     if hasattr(_aten, name)
     for op in (getattr(_aten, name).default,)
 }
-try:  # the ops that checkpointing runs a different number of times in forward and recompute
-    from torch.utils.checkpoint import SAC_IGNORED_OPS as _IGNORED
-except ImportError:  # pragma: no cover - older torch
-    _IGNORED = {_aten.detach.default}
-
-
-# Training-mode batch norms (out, batch mean, batch inverse std): a lean region keeps the two
-# per-channel statistics and recomputes only their application, one pass over the input instead
-# of a reduction and a pass.
-_BATCH_NORMS = {getattr(_aten, name).default for name in ("native_batch_norm",
-                                                           "_native_batch_norm_legit")
-                if hasattr(_aten, name)}
-# An op whose output is this many times smaller than its largest input (a global pool, a
-# squeeze-excite gate) is kept: it costs little memory and saves a pass over the large input.
-SMALL_OUTPUT_RATIO = 16
-_ALIASING: dict = {}
-
-
-def _small_output(func, out: torch.Tensor, args: tuple) -> bool:
-    aliasing = _ALIASING.get(func)
-    if aliasing is None:  # views and in-place ops would keep (or change) their input's storage
-        schema = func._schema
-        aliasing = _ALIASING[func] = schema.is_mutable or any(
-            r.alias_info is not None for r in schema.returns)
-    if aliasing:
-        return False
-    largest = max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
-    return out.numel() * SMALL_OUTPUT_RATIO <= largest
-
-
-@dataclass(frozen=True)
-class _BatchStats:
-    """The batch mean and inverse std that a training-mode batch norm computed in forward."""
-
-    mean: torch.Tensor
-    invstd: torch.Tensor
-
-    def apply(self, func, args: tuple, kwargs: dict):
-        """The batch norm's output from these statistics, bit for bit: an evaluation-mode batch
-        norm with weight ``invstd * weight``, variance 1 and eps 0 computes the training
-        kernel's ``x * (invstd * weight) + (bias - mean * invstd * weight)`` exactly."""
-        x, weight, bias = args[0], args[1], args[2]
-        scale = self.invstd if weight is None else self.invstd * weight
-        out = _aten.native_batch_norm.default(x, scale, bias, self.mean,
-                                              torch.ones_like(self.invstd), False, 0.0, 0.0)[0]
-        return out, self.mean, self.invstd
-
-
-_NORM_LIKE: dict = {}
-
-
-def _norm_like(func) -> bool:
-    """Ops that may update running statistics in place, unseen by version counters (every
-    batch-norm forward overload: native, cudnn, miopen, out=, update_stats)."""
-    like = _NORM_LIKE.get(func)
-    if like is None:
-        name = func._overloadpacket.__name__
-        like = _NORM_LIKE[func] = "batch_norm" in name and "backward" not in name
-    return like
-
-
-_ACTIVE = [0]  # lean dispatch modes entered and not yet exited (forward or recompute)
-
-
-def lean_modes_active() -> bool:
-    """Whether an op running now runs under a lean region's dispatch mode (and pays for it):
-    the planner's time estimate counts these ops."""
-    return _ACTIVE[0] > 0
-
-
-class _Counted:
-    def __enter__(self):
-        _ACTIVE[0] += 1
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        _ACTIVE[0] -= 1
-        return super().__exit__(*exc)
-
-
-def _detach(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached alias that shares the version counter (so later writes are seen)."""
-    with exclude_dispatch_key("ADInplaceOrView"):
-        return tensor.detach()
-
-
-class _Store:
-    """What one region's forward kept, for its recompute."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.sequence: list = []
-        self.entries: dict = {}
-        self.kept = 0
-        self.overwritten = 0
-        self.norm_calls = 0  # batch norms the forward ran, and those whose statistics it kept
-        self.norm_kept = 0
-        self.paused = False
-
-    @contextlib.contextmanager
-    def pause(self):
-        """Ops run inside are leanstep's own bookkeeping, not the region's."""
-        self.paused = True
-        try:
-            yield
-        finally:
-            self.paused = False
-
-
-class _KeepMode(_Counted, dispatch_mode_class()):
-    """Forward pass: keep the outputs of ``KEEP_OPS`` (and batch statistics, small outputs);
-    record every op, so that the recompute can check it runs the same ones."""
-
-    def __init__(self, store: _Store):
-        super().__init__()
-        self.store = store
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **kwargs) if kwargs else func(*args)
-        store = self.store
-        if store.paused or func in _IGNORED:
-            return out
-        position = len(store.sequence)
-        store.sequence.append(func)
-        if func in KEEP_OPS:
-            if isinstance(out, torch.Tensor):
-                store.entries[position] = (_detach(out), out._version)
-        elif func in _BATCH_NORMS:
-            # Training on the CPU: keep the batch statistics, recompute only their application
-            # (whose bits ``_BatchStats.apply`` reproduces with the CPU kernel).
-            if args[5] and out[0].device.type == "cpu":
-                store.entries[position] = (_BatchStats(_detach(out[1]), _detach(out[2])), None)
-                store.norm_kept += 1
-        elif isinstance(out, torch.Tensor) and _small_output(func, out, args):
-            store.entries[position] = (_detach(out), out._version)
-        if _norm_like(func):
-            store.norm_calls += 1
-        return out
-
-    def __exit__(self, *exc):
-        # A kept output overwritten later in the region (conv -> in-place ReLU / InplaceABN) is
-        # recomputed instead: holding it would keep memory for a value that no longer exists.
-        for key, (tensor, version) in list(self.store.entries.items()):
-            if version is not None and tensor._version != version:
-                del self.store.entries[key]
-                self.store.overwritten += 1
-        self.store.kept = len(self.store.entries)
-        return super().__exit__(*exc)
-
-
-class _ReplayMode(_Counted, dispatch_mode_class()):
-    """Recompute: hand back the kept outputs, run everything else."""
-
-    def __init__(self, store: _Store):
-        super().__init__()
-        self.store = store
-        self.position = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        store = self.store
-        if store.paused or func in _IGNORED:
-            return func(*args, **kwargs) if kwargs else func(*args)
-        sequence, position = store.sequence, self.position
-        self.position += 1
-        if position >= len(sequence) or sequence[position] is not func:
-            expected = sequence[position] if position < len(sequence) else "nothing more"
-            raise RuntimeError(
-                f"leanstep.lean: block {store.name!r} ran {func} where its forward pass "
-                f"ran {expected} (op {position}): its forward depends on data or global state, "
-                f"which lean cannot replay; use checkpoint_blocks or leave it plain"
-            )
-        entry = store.entries.pop(position, None)
-        if entry is not None:
-            kept, version = entry
-            if version is None:
-                return kept.apply(func, args, kwargs)
-            if kept._version == version:
-                return kept
-        return func(*args, **kwargs) if kwargs else func(*args)
 
 
 @contextlib.contextmanager
-def _restored(buffers: list[torch.Tensor], store: _Store):
-    with store.pause():
-        saved = [(b, b.clone()) for b in buffers]
+def _restored(buffers: list[torch.Tensor]):
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
-        with torch.no_grad(), store.pause():
-            for buffer, value in saved:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
                 buffer.copy_(value)
 
 
@@ -270,21 +90,24 @@ _WRITES_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name: str,
-               lean: bool):
-    """``fn(*args, **kwargs)`` as a recompute region over ``modules`` (see module docstring)."""
+               lean: bool, own: nn.Module | None = None):
+    """``fn(*args, **kwargs)`` as a recompute region over ``modules`` (see module docstring);
+    ``own``: the module whose forward ``fn`` is (its hooks run outside the region)."""
     if not (torch.is_grad_enabled() and any(m.training for m in modules)):
         return fn(*args, **kwargs)
     if torch.compiler.is_compiling():
         return _compiled_region(fn, args, kwargs, lean)
+    learned = _WRITES_INPUTS.setdefault(modules[0], {})
+    key = (len(modules), lean, name)  # regions may nest, sharing their first module
+    writes_inputs = learned.get(key, True)
+    if lean:
+        return run_lean(fn, modules, args, kwargs, name=name, writes_inputs=writes_inputs,
+                        learn=functools.partial(learned.__setitem__, key), own=own)
     buffers = [b for m in modules for b in m.buffers()]
     norm_buffers = {id(b) for m in modules for n in m.modules() if isinstance(n, _BatchNorm)
                     for b in n.buffers(recurse=False)}
     calls = 0
-    learned = _WRITES_INPUTS.setdefault(modules[0], {})
-    key = (len(modules), lean, name)  # regions may nest, sharing their first module
-    writes_inputs = learned.get(key, True)
     stateful: list[torch.Tensor] = []
-    store = _Store(name)
 
     def run(*inputs, **kw):
         nonlocal calls, writes_inputs, stateful
@@ -292,8 +115,7 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
         if calls == 1:
             # Copies of the inputs only for a region that writes them (learned on its first
             # training step, then checked on every step by the version counters).
-            with store.pause():  # aliases otherwise: what hooks see is then as with copies
-                inputs = _copies(inputs) if writes_inputs else _aliases(inputs)
+            inputs = _copies(inputs) if writes_inputs else _aliases(inputs)
             tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
             before, buffers_before = _versions(tensors), _versions(buffers)
             output = fn(*inputs, **kw)
@@ -305,20 +127,16 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
                     f"forward depends on data or global state: use checkpoint_blocks or leave "
                     f"it plain")
             writes_inputs = learned[key] = wrote
-            # BatchNorm's kernels update their statistics without a version bump; a lean
-            # recompute that re-applies every norm's kept statistics runs none of them.
-            replayed = lean and store.norm_calls == store.norm_kept
+            # BatchNorm's kernels update their statistics without a version bump.
             stateful = [b for b, v in zip(buffers, buffers_before, strict=True)
-                        if b._version != v or (id(b) in norm_buffers and not replayed)]
+                        if b._version != v or id(b) in norm_buffers]
             return output
         if writes_inputs:
-            with store.pause():
-                inputs = _copies(inputs)
-        with _restored(stateful, store):
+            inputs = _copies(inputs)
+        with _restored(stateful):
             return fn(*inputs, **kw)
 
-    context_fn = (lambda: (_KeepMode(store), _ReplayMode(store))) if lean else noop_context_fn
-    return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return checkpoint(run, *args, use_reentrant=False, context_fn=noop_context_fn, **kwargs)
 
 
 def _compiled_policy(ctx, func, *args, **kwargs):
@@ -374,7 +192,8 @@ def _region_forward(self, *args, **kwargs):
     plain = _plain_forward(self, state)
     if state.mode is None:
         return plain(*args, **kwargs)
-    return run_region(plain, [self], args, kwargs, name=state.name, lean=state.mode == "lean")
+    return run_region(plain, [self], args, kwargs, name=state.name, lean=state.mode == "lean",
+                      own=self)
 
 
 def _segmented(self, x):
