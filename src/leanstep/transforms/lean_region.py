@@ -23,7 +23,15 @@ of the forward pass restored), batch-norm statistics are re-applied bit for bit 
 the norm is recomputed whole), running statistics and every buffer the forward updates are
 updated once (the recompute writes scratch copies), and a kept output that is overwritten later
 (a conv followed by an in-place op or InplaceABN) is recomputed instead. A block whose recompute
-does not call the same layers in the same order as its forward pass raises an error naming it.
+calls other layers, or reaches a kept layer or norm with other values (a fingerprint of a few
+elements of each one's input is compared), than its forward pass raises an error naming it.
+
+Limits, each an error or a fallback rather than a wrong gradient: double backward is refused;
+a block with hooks on a module inside it runs plain (with a warning: the hook would see tensors
+without autograd history); the kept outputs are held by the node, not saved with
+``save_for_backward`` (so backward can free each one as soon as its layer is done), so saved-
+tensor hooks such as ``save_on_cpu`` apply to a region's inputs only, and a second backward
+(``retain_graph=True``) runs the layers again.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
@@ -463,24 +472,16 @@ class _LeanRegion(torch.autograd.Function):
         outputs = [out_flat[i] for i in plan.out_positions]
         plan.out_flat = [None if isinstance(v, torch.Tensor) else v for v in out_flat]
         # Kept outputs overwritten later in the block are recomputed instead: holding them
-        # would keep memory for values that no longer exist. Those the block returns are held
-        # here (a later in-place write by the caller then means: recompute), the rest saved.
-        returned = {id(t) for t in outputs}
-        ctx.held, saved, live = {}, [], []
-        for at, (_module, tensor, version) in enumerate(run.layers):
-            if tensor._version != version:
-                live.append(None)
-            elif id(tensor) in returned:
-                ctx.held[at] = (tensor.detach(), version)
-                live.append(False)
-            else:
-                saved.append(tensor)
-                live.append(True)
-        ctx.live = live
+        # would keep memory for values that no longer exist (so is one the caller overwrites
+        # later, found by its version in backward). They are held by the node, not saved with
+        # save_for_backward, so that backward can let go of each as soon as its layer's
+        # gradient is done (a second backward, retain_graph=True, recomputes the layers).
+        ctx.kept = [(tensor.detach(), version) if tensor._version == version else None
+                    for _, tensor, version in run.layers]
         ctx.layers = [module for module, _, _ in run.layers]
         ctx.norms = run.norms
         ctx.prints = run.prints
-        ctx.save_for_backward(*inputs, *saved)
+        ctx.save_for_backward(*inputs)
         ctx.mark_non_differentiable(*[t for t in outputs if not t.is_floating_point()
                                       and not t.is_complex()])
         return tuple(outputs)
@@ -496,17 +497,10 @@ class _LeanRegion(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         run = _Pass(plan.name)
         run.replay = True
-        kept = iter(saved[count:])
-        for at, (module, live) in enumerate(zip(ctx.layers, ctx.live, strict=True)):
-            if live is True:
-                tensor = next(kept)
-            elif live is False:
-                tensor, version = ctx.held[at]
-                if tensor._version != version:
-                    tensor = None
-            else:
-                tensor = None
-            run.layers.append((module, tensor, None))
+        kept, ctx.kept = ctx.kept, [None] * len(ctx.kept)
+        run.layers = [(module, entry[0] if entry is not None and entry[0]._version == entry[1]
+                       else None, None) for module, entry in zip(ctx.layers, kept, strict=True)]
+        del kept
         run.norms = ctx.norms
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(need) for t, need in
@@ -530,13 +524,16 @@ class _LeanRegion(torch.autograd.Function):
                                    f"{run.norm_at} of {len(run.norms)} batch norms called")
             if not _same(ctx.prints, run.prints):
                 raise run.mismatch("a kept layer or batch norm got other input values")
+        # From here on only the recomputed graph holds the kept outputs and the recomputed
+        # results: each is freed as soon as backward is past it.
+        run.layers.clear()
         out_flat = tree_flatten(output)[0]
-        outputs, upstream = [], []
-        for position, grad in zip(plan.out_positions, grads, strict=True):
-            tensor = out_flat[position]
-            if grad is not None and tensor.requires_grad:
-                outputs.append(tensor)
-                upstream.append(grad)
+        del output
+        pairs = [(out_flat[position], grad) for position, grad in
+                 zip(plan.out_positions, grads, strict=True)]
+        outputs = [get_gradient_edge(t) for t, g in pairs if g is not None and t.requires_grad]
+        upstream = [g for t, g in pairs if g is not None and t.requires_grad]
+        del out_flat, pairs, ran_on
         unique = list(aliases.values())
         wanted = [t for t in inputs if t.requires_grad] + [a for a in unique if a.requires_grad]
         found = torch.autograd.grad(outputs, wanted, upstream, allow_unused=True) if (

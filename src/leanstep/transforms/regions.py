@@ -7,17 +7,16 @@ are those of the plain model. Two modes:
 
 - ``"checkpoint"``: non-reentrant ``torch.utils.checkpoint``: only the region's inputs are kept;
   backward runs the whole region again.
-- ``"lean"``: the same, plus a dispatch mode that keeps the outputs of the expensive ops
-  (convolutions, matrix products; ``KEEP_OPS``) during the forward pass and hands them back
-  during the recompute, so backward recomputes only the cheap ops (normalisation, activations,
-  element-wise, pooling, gating). Unlike torch's selective checkpointing it accepts in-place
-  ops: a kept output that is overwritten afterwards (a conv followed by an in-place ReLU or an
-  InplaceABN, an output mutated outside the region) is not handed back stale but recomputed.
-  Training-mode batch norms keep their batch statistics (re-applied, bit for bit, on the CPU)
-  and ops whose output is far smaller than their input (global pools) keep that output.
+- ``"lean"``: one autograd node per region (``lean_region.py``) whose forward runs the block
+  without autograd while its convolution and linear layers keep their outputs and its batch
+  norms their batch statistics; backward runs the block again, handing those back, so it
+  recomputes only the cheap ops (normalisation apply, activations, element-wise, pooling,
+  gating). Unlike torch's selective checkpointing it accepts in-place ops: a kept output that
+  is overwritten afterwards (a conv followed by an in-place ReLU or an InplaceABN, an output
+  the caller overwrites) is not handed back stale but recomputed.
 
 Both keep BatchNorm running statistics (and any buffer the forward updates) updated once per
-step: the buffers the first forward changes are restored after every recompute. The region's
+step (the recompute updates scratch copies, or the buffers are restored after it). The region's
 inputs are copied for the first run if it writes over them (InplaceABN, an in-place
 activation; learned on the region's first step, checked on every later one), so the recompute
 starts from what the forward started from. In eval mode or under
@@ -153,7 +152,7 @@ def _compiled_region(fn, args: tuple, kwargs: dict, lean: bool):
     """A region inside ``torch.compile``: dynamo traces ``checkpoint`` as a higher-order op and
     the compiler's partitioner recomputes in backward what the region does not keep (a lean
     region: torch's selective checkpointing with the ``KEEP_OPS`` policy; the compiler
-    functionalises in-place ops, so the eager path's dispatch modes, input copies and
+    functionalises in-place ops, so the eager path's kept outputs, input copies and
     buffer restores are not needed: buffer updates stay in the forward graph, run once)."""
     if lean:
         return checkpoint(fn, *args, use_reentrant=False, context_fn=_COMPILED_LEAN, **kwargs)

@@ -1,0 +1,181 @@
+"""The eager lean region as one autograd node: what a training loop does around it (gradients
+asked for with ``autograd.grad``, parameter hooks, a second backward, double backward, hooks
+inside a block, autocast) and the layers it keeps (padding modes, linear layers, norms that
+call ``F.batch_norm`` themselves) stay exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transform_models import MobileNet, TorchvisionResNet
+
+import leanstep
+
+
+def _loss(model, x, seed=0):
+    torch.manual_seed(seed)
+    return model(x).square().mean()
+
+
+def _pair(build, dtype=torch.float64):
+    torch.manual_seed(0)
+    plain = build().to(dtype)
+    return plain, leanstep.lean(copy.deepcopy(plain))
+
+
+def test_autograd_grad_of_parameters_returns_them_and_leaves_grad_alone():
+    plain, lean = _pair(TorchvisionResNet)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    want = list(plain.parameters())
+    expected = torch.autograd.grad(_loss(plain, x), want)
+    found = torch.autograd.grad(_loss(lean, x), list(lean.parameters()))
+    for a, b in zip(expected, found, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+    assert all(p.grad is None for p in lean.parameters())
+
+
+def test_parameter_hooks_fire_once_per_step():
+    _, lean = _pair(TorchvisionResNet)
+    calls = {}
+    for name, param in lean.named_parameters():
+        param.register_hook(lambda g, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    _loss(lean, torch.randn(2, 3, 16, 16, dtype=torch.float64)).backward()
+    assert set(calls) == {name for name, _ in lean.named_parameters()}
+    assert set(calls.values()) == {1}
+
+
+def test_a_second_backward_with_retain_graph_is_exact():
+    plain, lean = _pair(MobileNet)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for model in (plain, lean):
+        loss = _loss(model, x)
+        loss.backward(retain_graph=True)
+        loss.backward()  # the kept outputs were let go of: the layers are recomputed
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=0, msg=name)
+
+
+def test_double_backward_is_refused_with_one_clear_error():
+    _, lean = _pair(TorchvisionResNet)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(_loss(lean, x), x, create_graph=True)
+
+
+class _Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                                    nn.BatchNorm2d(4), nn.ReLU())
+                                      for _ in range(2)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_a_block_with_hooks_inside_runs_plain_with_a_warning():
+    """A hook inside a block would see tensors of the forward pass, which has no autograd
+    history: a feature taken there for a loss would silently get no gradient."""
+    model = leanstep.lean(_Hooked())
+    features = []
+    model.blocks[1][0].register_forward_hook(lambda m, i, o: features.append(o))
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match=r"lean: block 'blocks\.1' runs plain: 0 has hooks"):
+        out = model(x)
+    assert features[0].requires_grad  # the feature can carry a loss
+    (out.sum() + features[0].sum()).backward()
+    assert model.blocks[1][0].weight.grad is not None
+
+
+class _Layers(nn.Module):
+    """Kept layers of every kind the region hands back: padding modes and 'same' padding,
+    a linear layer on a 3-d input, a norm that calls F.batch_norm itself (as timm's
+    BatchNormAct2d does), grouped and dilated convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.reflect = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.same = nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, bias=False)
+        self.odd = nn.Conv2d(8, 8, 2, padding="same")  # asymmetric: run again, not kept
+        self.norm = nn.BatchNorm2d(8)
+        self.linear = nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = self.reflect(x)
+        x = F.silu(F.batch_norm(x, self.norm.running_mean, self.norm.running_var,
+                                self.norm.weight, self.norm.bias, True, 0.1, 1e-5))
+        x = self.odd(self.same(x))
+        return self.linear(x.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_every_kind_of_kept_layer_is_exact_bit_for_bit():
+    plain, lean = _pair(_Layers, torch.float32)
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        for model in (plain, lean):
+            model.zero_grad()
+            _loss(model, x).backward()
+    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_the_layers_kept_are_the_convs_and_linears_not_the_asymmetric_one():
+    from leanstep.transforms.lean_region import _region_members
+
+    model = _Layers()
+    layers, norms, params, _, hooked = _region_members([model], model)
+    assert [type(m).__name__ for m, _ in layers] == ["Conv2d", "Conv2d", "Linear"]
+    assert layers[1][0] is model.same and norms == [model.norm] and hooked is None
+    assert len(params) == len(list(model.parameters()))
+
+
+def test_under_cpu_autocast_lean_matches_plain():
+    plain, lean = _pair(TorchvisionResNet, torch.float32)
+    x = torch.randn(2, 3, 16, 16)
+    losses = []
+    for model in (plain, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, x)
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_a_kept_output_the_caller_overwrites_is_recomputed():
+    class Block(nn.Module):  # a block that returns its conv's output
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.norm(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            out = self.blocks[0](x)
+            out.mul_(0.5)  # overwrites the first block's kept conv output
+            return self.blocks[1](out)
+
+    torch.manual_seed(0)
+    plain = Net().double()
+    lean = leanstep.lean(copy.deepcopy(plain), blocks=["blocks.0", "blocks.1"])
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for model in (plain, lean):
+        _loss(model, x).backward()
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=0, msg=name)
