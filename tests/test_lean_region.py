@@ -179,3 +179,25 @@ def test_a_kept_output_the_caller_overwrites_is_recomputed():
         _loss(model, x).backward()
     for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("stem", [True, False])
+def test_module_trackers_see_a_lean_step_and_count_plain_flops(stem):
+    """FlopCounterMode and MemTracker hook every module's inputs; inside a region's backward
+    those hooks run within autograd.grad, where they must not meet a leaf tensor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    plain = TorchvisionResNet()
+    lean = copy.deepcopy(plain)
+    if stem:
+        leanstep.lean(lean)
+    else:
+        leanstep.lean(lean, blocks=[name for name, _ in leanstep.find_blocks(lean)])
+    x = torch.randn(2, 3, 16, 16)
+    counts = []
+    for model in (plain, lean):
+        with FlopCounterMode(display=False) as counter:
+            _loss(model, x).backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -505,7 +505,10 @@ class _LeanRegion(torch.autograd.Function):
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(need) for t, need in
                       zip(saved[:count], needs, strict=False)]
-            ran_on = [t.clone() for t in inputs] if plan.writes_inputs else inputs
+            # The block runs on copies (if it writes its inputs) or views of the leaves whose
+            # gradients are asked for: hooks that module trackers put on a module's inputs
+            # (ModTracker, FlopCounterMode) cannot take a leaf inside autograd.grad.
+            ran_on = [t.clone() if plan.writes_inputs else t.view_as(t) for t in inputs]
             aliases = {id(param): param.detach().requires_grad_(need)
                        for param, need in zip(plan.unique, needs[count:], strict=True)}
             swapped = []
