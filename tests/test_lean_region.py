@@ -201,3 +201,12 @@ def test_module_trackers_see_a_lean_step_and_count_plain_flops(stem):
             _loss(model, x).backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def test_a_lean_step_runs_on_the_meta_device():
+    """FLOPs are counted on the meta device (no autocast there, no values to compare)."""
+    with torch.device("meta"):
+        model = leanstep.lean(TorchvisionResNet())
+        x = torch.randn(2, 3, 16, 16)
+    _loss(model, x).backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())

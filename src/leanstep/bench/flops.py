@@ -47,9 +47,9 @@ def count_step_flops(case, fallback: TrainStep | None = None) -> int:
     """FLOPs of ``case``'s step, counted on the meta device; where the model cannot run there
     (data-dependent operations, autocast), one eager step of ``fallback``.
 
-    A ``lean`` case is counted without its lean regions: FlopCounterMode's module hooks change
-    the forward that lean replays, and lean recomputes no convolution or matmul (the ops
-    counted), so the count is the same."""
+    A ``lean`` case is counted without its lean regions: lean recomputes no convolution or
+    matmul (the ops counted), so the count is the same (a plan's lean blocks are counted with
+    them, and count the same: tested)."""
     import dataclasses
 
     from .cases import make_step

@@ -105,7 +105,7 @@ def _same(first: list, second: list) -> bool:
         return True
     if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(first, second, strict=True)):
         return False
-    if is_fake(first[0]):  # predicting memory: no values to compare
+    if first[0].is_meta or is_fake(first[0]):  # predicting memory, counting FLOPs: no values
         return True
     bits = _BITS.get(first[0].element_size())
     a, b = torch.cat([t.flatten() for t in first]), torch.cat([t.flatten() for t in second])
@@ -425,7 +425,8 @@ class _RandomState:
 
 def _autocast_state(device_type: str) -> list:
     return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
-             torch.is_autocast_cache_enabled()) for kind in dict.fromkeys((device_type, "cpu"))]
+             torch.is_autocast_cache_enabled()) for kind in dict.fromkeys((device_type, "cpu"))
+            if torch.amp.is_autocast_available(kind)]
 
 
 @contextlib.contextmanager
