@@ -210,3 +210,110 @@ def test_a_lean_step_runs_on_the_meta_device():
         x = torch.randn(2, 3, 16, 16)
     _loss(model, x).backward()
     assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+
+
+def _exact(plain, lean, x, steps=2):
+    for step in range(steps):
+        for model in (plain, lean):
+            model.zero_grad()
+            _loss(model, x, seed=step).backward()
+    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=0, msg=name)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """A conv that changes its weight in ``_conv_forward`` (weight standardisation)."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3),
+                                                                               keepdim=True)
+        return super()._conv_forward(x, weight, bias)
+
+
+class _Ema(nn.Module):
+    """State of its own: a counter updated by assignment, a mean written through .data, and a
+    batch norm called functionally (not a _BatchNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _StandardisedConv(4, 4, 3, padding=1)
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("running_var", torch.ones(4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        self.steps = self.steps + 1
+        self.mean.data.mul_(0.9).add_(0.1 * x.detach().mean((0, 2, 3)))
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var,
+                                       training=True))
+
+
+def test_module_state_is_updated_once_and_custom_convs_are_run_again():
+    plain, lean = _pair(lambda: nn.Sequential(nn.Sequential(_Ema(), _Ema())))
+    _exact(plain, lean, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert lean[0][0].steps.item() == 2
+
+
+def test_an_argument_that_may_hide_tensors_runs_the_block_plain():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x, projection):
+            return projection(torch.relu(self.conv(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Conv2d(4, 4, 1)
+            self.blocks = nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x, self.projection)
+            return x
+
+    plain, lean = _pair(Net)
+    with pytest.warns(UserWarning, match=r"runs plain: it takes a Conv2d argument"):
+        _exact(plain, lean, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+
+
+def test_a_parameter_changed_between_forward_and_backward_is_an_error():
+    _, lean = _pair(TorchvisionResNet)
+    loss = _loss(lean, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    with torch.no_grad():
+        lean.layer1[0].conv1.weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"was modified in place between the forward pass "
+                                           r"and backward"):
+        loss.backward()
+
+
+def test_nested_blocks_are_recomputed_by_the_outer_one():
+    plain, lean = _pair(TorchvisionResNet)
+    leanstep.lean(lean, blocks=["layer1", "layer1.0"])  # layer1.0 inside layer1's region
+    _exact(plain, lean, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert all(isinstance(p, nn.Parameter) for p in lean.parameters())
+
+
+def test_python_state_read_after_the_last_kept_layer_is_an_error():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x) * self.calls  # the recompute scales by another count
+
+    _, lean = _pair(lambda: nn.Sequential(nn.Sequential(Block(), Block())))
+    with pytest.raises(RuntimeError, match=r"the block's output got other values"):
+        _loss(lean, torch.randn(2, 4, 8, 8, dtype=torch.float64)).backward()

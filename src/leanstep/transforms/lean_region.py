@@ -26,18 +26,31 @@ updated once (the recompute writes scratch copies), and a kept output that is ov
 calls other layers, or reaches a kept layer or norm with other values (a fingerprint of a few
 elements of each one's input is compared), than its forward pass raises an error naming it.
 
-Limits, each an error or a fallback rather than a wrong gradient: double backward is refused;
-a block with hooks on a module inside it runs plain (with a warning: the hook would see tensors
-without autograd history); the kept outputs are held by the node, not saved with
-``save_for_backward`` (so backward can free each one as soon as its layer is done), so saved-
-tensor hooks such as ``save_on_cpu`` apply to a region's inputs only, and a second backward
-(``retain_graph=True``) runs the layers again.
+The block's outputs are fingerprinted too, so Python state read after the last kept layer
+shows. Every buffer of the block is a scratch copy during the recompute (state updated by
+assignment or through ``.data`` is updated once); a conv subclass with its own
+``_conv_forward`` is run again rather than kept; a region inside a region's pass runs plain.
+
+Limits, each an error or a fallback rather than a wrong gradient: double backward is refused,
+and so is a parameter changed in place between forward and backward (as autograd refuses it);
+a block with hooks on a module inside it, or an argument other than tensors and plain values
+(a module, a dataclass: tensors in it would get no gradient), runs plain with a warning; the
+kept outputs are held by the node, not saved with ``save_for_backward`` (so backward can free
+each one as soon as its layer is done), so saved-tensor hooks such as ``save_on_cpu`` apply
+to a region's inputs only, and a second backward (``retain_graph=True``) runs the layers
+again. Two differences from the plain model remain, both where a block writes in place what
+its caller reads afterwards: a block that writes its input runs on a copy (the caller keeps
+the unwritten values), and InplaceABN, which writes in place only when autograd records,
+writes a copy in the forward pass (a block that reads the norm's input after it sees the
+unwritten values there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
+import threading
 import warnings
 
 import torch
@@ -53,6 +66,33 @@ __all__ = ["run_lean"]
 
 _aten = torch.ops.aten
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+_CONV_IMPLS = {nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward}
+# Arguments a region may take besides tensors: values its recompute can reuse as they are.
+_CONSTANTS = (int, float, complex, bool, str, bytes, type(None), type(Ellipsis), slice,
+              enum.Enum, torch.Size, torch.dtype, torch.device, torch.layout,
+              torch.memory_format)
+
+
+class _Active(threading.local):
+    depth = 0
+
+
+_ACTIVE = _Active()
+
+
+def lean_pass_active() -> bool:
+    """Whether a lean region's forward pass or recompute is running in this thread: a region
+    inside it runs plain (its gradients are the enclosing region's)."""
+    return _ACTIVE.depth > 0
+
+
+@contextlib.contextmanager
+def _pass_active():
+    _ACTIVE.depth += 1
+    try:
+        yield
+    finally:
+        _ACTIVE.depth -= 1
 
 
 class _Pass:
@@ -319,9 +359,8 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
 
 
 @functools.cache
-def _warn_hooks(name: str, module: str) -> None:
-    warnings.warn(f"lean: block {name!r} runs plain: {module} has hooks, which would see "
-                  f"tensors without autograd history inside a lean region", stacklevel=4)
+def _warn_plain(name: str, why: str) -> None:
+    warnings.warn(f"lean: block {name!r} runs plain: {why}", stacklevel=4)
 
 
 class _Plan:
@@ -329,13 +368,13 @@ class _Plan:
     arguments and results that are not tensors."""
 
     __slots__ = ("fn", "name", "spec", "flat", "positions", "layers", "norms", "params",
-                 "unique", "buffers", "writes_inputs", "learn", "out_spec", "out_flat",
+                 "unique", "buffered", "writes_inputs", "learn", "out_spec", "out_flat",
                  "out_positions")
 
-    def __init__(self, fn, name, spec, flat, positions, layers, norms, params, buffers,
+    def __init__(self, fn, name, spec, flat, positions, layers, norms, params, buffered,
                  writes_inputs, learn):
         self.fn, self.name, self.spec, self.flat, self.positions = fn, name, spec, flat, positions
-        self.layers, self.norms, self.params, self.buffers = layers, norms, params, buffers
+        self.layers, self.norms, self.params, self.buffered = layers, norms, params, buffered
         self.unique = list({id(p): p for _, _, p in params}.values())
         self.writes_inputs, self.learn = writes_inputs, learn
         self.out_spec = self.out_flat = self.out_positions = None
@@ -350,8 +389,10 @@ class _Plan:
 
 @contextlib.contextmanager
 def _intercepted(plan: _Plan, run: _Pass):
-    """Give the kept layers instance forwards and the training-mode norms probes (and, in a
-    recompute, scratch buffers) for the duration of one pass."""
+    """Give the kept layers instance forwards and the training-mode norms probes for the
+    duration of one pass; in a recompute, every buffer of the region is a scratch copy, so
+    what the forward pass updated (running statistics, counters, any state a module keeps in
+    a buffer, in place or by assignment) is updated once."""
     patched, swapped = [], []
     try:
         for module, spec in plan.layers:
@@ -363,39 +404,25 @@ def _intercepted(plan: _Plan, run: _Pass):
                 forward = functools.partial(_keep_forward, module, run)
             module.__dict__["forward"] = forward
             patched.append(module)
+        if run.replay:
+            for module in plan.buffered:
+                original = dict(module._buffers)
+                swapped.append((module, original))
+                module._buffers.update({name: buffer.clone() for name, buffer in
+                                        original.items() if buffer is not None})
         for module in plan.norms:
-            buffers = module._buffers
-            original = dict(buffers)
-            swapped.append((module, original))
-            if run.replay:
-                for name, buffer in original.items():
-                    if buffer is not None:
-                        buffers[name] = buffer.clone()  # what the recompute updates
-            mean = buffers.get("running_mean")
+            if not run.replay:
+                swapped.append((module, dict(module._buffers)))
+            mean = module._buffers.get("running_mean")
             if mean is not None:
-                buffers["running_mean"] = _NormProbe(run, module, mean)
+                module._buffers["running_mean"] = _NormProbe(run, module, mean)
         yield
     finally:
         for module in patched:
             del module.__dict__["forward"]
         for module, original in swapped:
+            module._buffers.clear()
             module._buffers.update(original)
-
-
-@contextlib.contextmanager
-def _restored(buffers: list[torch.Tensor]):
-    """Buffers (other than batch norms') that the forward pass updated: put back after the
-    recompute, which updates them again."""
-    if not buffers:
-        yield
-        return
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
 
 
 class _RandomState:
@@ -454,8 +481,9 @@ class _LeanRegion(torch.autograd.Function):
         ctx.autocast = _autocast_state(inputs[0].device.type if inputs else "cpu")
         run = _Pass(plan.name)
         ran_on = tuple(t.clone() for t in inputs) if plan.writes_inputs else inputs
-        before, buffers_before = _versions(ran_on), _versions(plan.buffers)
-        with _intercepted(plan, run):
+        before = _versions(ran_on)
+        ctx.param_versions = _versions(plan.unique)
+        with _pass_active(), _intercepted(plan, run):
             output = plan.call(ran_on)
         wrote = before != _versions(ran_on)
         if wrote and not plan.writes_inputs:
@@ -466,11 +494,11 @@ class _LeanRegion(torch.autograd.Function):
                 f"plain")
         plan.learn(wrote)
         plan.writes_inputs = wrote  # the recompute copies its inputs only if this pass wrote
-        ctx.stateful = [b for b, v in zip(plan.buffers, buffers_before, strict=True)
-                        if b._version != v]
         out_flat, plan.out_spec = tree_flatten(output)
         plan.out_positions = [i for i, v in enumerate(out_flat) if isinstance(v, torch.Tensor)]
         outputs = [out_flat[i] for i in plan.out_positions]
+        for tensor in outputs:
+            run.fingerprint(tensor)
         plan.out_flat = [None if isinstance(v, torch.Tensor) else v for v in out_flat]
         # Kept outputs overwritten later in the block are recomputed instead: holding them
         # would keep memory for values that no longer exist (so is one the caller overwrites
@@ -493,6 +521,14 @@ class _LeanRegion(torch.autograd.Function):
             raise RuntimeError("leanstep.lean does not support double backward "
                                "(create_graph=True); use checkpoint_blocks or leave it plain")
         plan = ctx.plan
+        if _versions(plan.unique) != ctx.param_versions:
+            changed = next(i for i, (p, v) in enumerate(zip(plan.unique, ctx.param_versions,
+                                                            strict=True)) if p._version != v)
+            raise RuntimeError(
+                f"leanstep.lean: parameter {changed} of block {plan.name!r} "
+                f"({tuple(plan.unique[changed].shape)}) was modified in place between the "
+                f"forward pass and backward (version {plan.unique[changed]._version}, expected "
+                f"{ctx.param_versions[changed]}); the plain model's backward fails on this too")
         saved = ctx.saved_tensors
         count = len(plan.positions)
         needs = ctx.needs_input_grad[1:]
@@ -517,7 +553,7 @@ class _LeanRegion(torch.autograd.Function):
                 module._parameters[name] = aliases[id(param)]
                 swapped.append((module, name, param))
             try:
-                with (ctx.random.restored(), _autocast(ctx.autocast), _restored(ctx.stateful),
+                with (ctx.random.restored(), _autocast(ctx.autocast), _pass_active(),
                       _intercepted(plan, run)):
                     output = plan.call(ran_on)
             finally:
@@ -526,32 +562,35 @@ class _LeanRegion(torch.autograd.Function):
             if run.layer_at != len(run.layers) or run.norm_at != len(run.norms):
                 raise run.mismatch(f"{run.layer_at} of {len(run.layers)} kept layers and "
                                    f"{run.norm_at} of {len(run.norms)} batch norms called")
+            out_flat = tree_flatten(output)[0]
+            del output
+            for position in plan.out_positions:
+                run.fingerprint(out_flat[position])
             if not _same(ctx.prints, run.prints):
-                raise run.mismatch("a kept layer or batch norm got other input values")
+                raise run.mismatch("a kept layer, batch norm or the block's output got other "
+                                   "values")
         # From here on only the recomputed graph holds the kept outputs and the recomputed
         # results: each is freed as soon as backward is past it.
         run.layers.clear()
-        out_flat = tree_flatten(output)[0]
-        del output
         pairs = [(out_flat[position], grad) for position, grad in
                  zip(plan.out_positions, grads, strict=True)]
         outputs = [get_gradient_edge(t) for t, g in pairs if g is not None and t.requires_grad]
         upstream = [g for t, g in pairs if g is not None and t.requires_grad]
         del out_flat, pairs, ran_on
-        unique = list(aliases.values())
-        wanted = [t for t in inputs if t.requires_grad] + [a for a in unique if a.requires_grad]
-        found = torch.autograd.grad(outputs, wanted, upstream, allow_unused=True) if (
-            outputs and wanted) else [None] * len(wanted)
-        by_id = dict(zip(map(id, wanted), found, strict=True))
-        input_grads = [by_id.get(id(t)) for t in inputs]
-        param_grads = [by_id.get(id(aliases[id(param)])) for param in plan.unique]
+        # Accumulated into the leaves of the recompute (the inputs' and parameters' stand-ins,
+        # whose gradients are returned), and into any other leaf the block reached (a tensor
+        # of a closure): no gradient is dropped.
+        if outputs:
+            torch.autograd.backward(outputs, upstream)
+        input_grads = [t.grad for t in inputs]
+        param_grads = [aliases[id(param)].grad for param in plan.unique]
         return (None, *input_grads, *param_grads)
 
 
 def _region_members(modules: list[nn.Module], own: nn.Module | None):
-    """The kept layers, training-mode norms, (module, name, parameter) triples and other
-    buffers of a region's modules; and a module with hooks inside it, if any."""
-    layers, norms, params, buffers, seen = [], [], [], [], set()
+    """The kept layers, training-mode norms, (module, name, parameter) triples and modules
+    with buffers of a region; and a module with hooks inside it, if any."""
+    layers, norms, params, buffered, seen = [], [], [], [], set()
     hooked = None
     for top in modules:
         for name, module in top.named_modules():
@@ -564,20 +603,20 @@ def _region_members(modules: list[nn.Module], own: nn.Module | None):
                 hooked = name or type(module).__name__
             forward = type(module).forward
             if "forward" not in module.__dict__:
-                spec = _conv_spec(module) if forward in _CONV_FORWARDS else None
+                spec = (_conv_spec(module) if forward in _CONV_FORWARDS
+                        and type(module)._conv_forward in _CONV_IMPLS else None)
                 if spec is not None:
                     layers.append((module, spec))
                 elif forward is nn.Linear.forward:
                     layers.append((module, False))
-            is_norm = isinstance(module, _BatchNorm) and module.training
-            if is_norm:
+            if isinstance(module, _BatchNorm) and module.training:
                 norms.append(module)
             for pname, param in module._parameters.items():
                 if param is not None and param.requires_grad:
                     params.append((module, pname, param))
-            if not is_norm:
-                buffers.extend(b for b in module._buffers.values() if b is not None)
-    return layers, norms, params, buffers, hooked
+            if any(b is not None for b in module._buffers.values()):
+                buffered.append(module)
+    return layers, norms, params, buffered, hooked
 
 
 def run_lean(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name: str,
@@ -587,14 +626,21 @@ def run_lean(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name: s
     ``writes_inputs``: run on copies of the inputs (learned: ``learn(wrote)`` is told whether
     this call wrote them); ``own``: the module whose forward this is (its hooks run outside).
     """
-    layers, norms, params, buffers, hooked = _region_members(modules, own)
+    layers, norms, params, buffered, hooked = _region_members(modules, own)
     if hooked is not None:
-        _warn_hooks(name, hooked)
+        _warn_plain(name, f"{hooked} has hooks, which would see tensors without autograd "
+                          f"history inside a lean region")
         return fn(*args, **kwargs)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+    other = next((v for v in flat if not isinstance(v, (torch.Tensor, *_CONSTANTS))), None)
+    if other is not None:
+        # An argument that may hold tensors or parameters unseen (a module, a dataclass):
+        # their gradients would not reach them through the region's node.
+        _warn_plain(name, f"it takes a {type(other).__name__} argument")
+        return fn(*args, **kwargs)
     plan = _Plan(fn, name, spec, [None if i in positions else v for i, v in enumerate(flat)],
-                 positions, layers, norms, params, buffers, writes_inputs, learn)
+                 positions, layers, norms, params, buffered, writes_inputs, learn)
     outputs = _LeanRegion.apply(plan, *[flat[i] for i in positions], *plan.unique)
     out_flat = list(plan.out_flat)
     for position, tensor in zip(plan.out_positions, outputs, strict=True):

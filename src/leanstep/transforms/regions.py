@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from .lean_region import run_lean
+from .lean_region import lean_pass_active, run_lean
 
 __all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
            "run_region"]
@@ -96,6 +96,8 @@ def run_region(fn, modules: list[nn.Module], args: tuple, kwargs: dict, *, name:
         return fn(*args, **kwargs)
     if torch.compiler.is_compiling():
         return _compiled_region(fn, args, kwargs, lean)
+    if lean_pass_active():  # inside a lean region's pass: that region recomputes this one
+        return fn(*args, **kwargs)
     learned = _WRITES_INPUTS.setdefault(modules[0], {})
     key = (len(modules), lean, name)  # regions may nest, sharing their first module
     writes_inputs = learned.get(key, True)
