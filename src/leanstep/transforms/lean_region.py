@@ -543,8 +543,9 @@ class _LeanRegion(torch.autograd.Function):
             inputs = [t.detach().requires_grad_(need) for t, need in
                       zip(saved[:count], needs, strict=False)]
             # The block runs on copies (if it writes its inputs) or views of the leaves whose
-            # gradients are asked for: hooks that module trackers put on a module's inputs
-            # (ModTracker, FlopCounterMode) cannot take a leaf inside autograd.grad.
+            # gradients it returns, so that the hooks module trackers put on a module's inputs
+            # (ModTracker, FlopCounterMode) never meet a leaf: inside an autograd.grad they
+            # cannot take one.
             ran_on = [t.clone() if plan.writes_inputs else t.view_as(t) for t in inputs]
             aliases = {id(param): param.detach().requires_grad_(need)
                        for param, need in zip(plan.unique, needs[count:], strict=True)}
