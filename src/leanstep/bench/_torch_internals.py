@@ -4,7 +4,9 @@ The memory predictor and the measured peaks rest on parts of PyTorch that are no
 may change in any release: ``MemTracker`` (``torch.distributed._tools.mem_tracker``) and two of
 its methods that a subclass overrides, fake tensors (``torch._subclasses.fake_tensor``), the
 dispatcher's kernel table (``torch._C._dispatch_has_kernel_for_dispatch_key``), dispatch modes
-(``torch.utils._python_dispatch``) and unregistering a ``torch.library.Library``. leanstep is
+(``torch.utils._python_dispatch``) and unregistering a ``torch.library.Library``; lean regions
+rest on ``torch._batch_norm_impl_index``, wrapper tensor subclasses and ``torch.utils._pytree``.
+leanstep is
 tested with the torch versions that ``pyproject.toml`` declares; with another, a missing internal
 raises ``TorchInternalsError`` naming it and the torch version, instead of an AttributeError
 deep inside a prediction.
@@ -21,17 +23,20 @@ import torch
 __all__ = [
     "TESTED_TORCH",
     "TorchInternalsError",
+    "batch_norm_with_statistics",
     "data_dependent_errors",
     "data_dependent_op",
     "dispatch_mode_class",
-    "exclude_dispatch_key",
     "fake_tensor_mode",
     "has_meta_kernel",
+    "is_fake",
     "mem_tracker",
     "mem_tracker_class",
     "peak_tracker",
     "sized_update_types",
     "temporary_meta_kernels",
+    "tree",
+    "wrapper_tensor",
 ]
 
 TESTED_TORCH = "2.13 and 2.14"
@@ -146,14 +151,36 @@ def data_dependent_op(error: BaseException) -> str | None:
     return str(func) if func is not None else type(error).__name__
 
 
-def exclude_dispatch_key(key: str):
-    """A context in which the dispatcher skips the dispatch key ``key`` (e.g.
-    "ADInplaceOrView", so that a detached alias shares its version counter)."""
-    guard = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
-    dispatch_key = getattr(getattr(torch._C, "DispatchKey", None), key, None)
-    if guard is None or dispatch_key is None:
-        raise _missing(f"torch._C._SetExcludeDispatchKeyGuard / DispatchKey.{key}")
-    return guard(dispatch_key, False)
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a fake tensor (a memory prediction is running)."""
+    return _attribute("torch._subclasses.fake_tensor", "is_fake")(tensor)
+
+
+def batch_norm_with_statistics():
+    """``torch._batch_norm_impl_index``: what ``F.batch_norm`` runs, returning (output, batch
+    mean, batch inverse std, reserve, implementation) instead of the output alone."""
+    function = getattr(torch, "_batch_norm_impl_index", None)
+    if function is None:
+        raise _missing("torch._batch_norm_impl_index")
+    return function
+
+
+def tree():
+    """``torch.utils._pytree``: flatten, unflatten and map nested arguments and results."""
+    try:
+        return importlib.import_module("torch.utils._pytree")
+    except ImportError as error:
+        raise _missing("torch.utils._pytree", error) from None
+
+
+def wrapper_tensor(cls: type, like: torch.Tensor) -> torch.Tensor:
+    """An instance of the tensor subclass ``cls`` with ``like``'s metadata and no storage of its
+    own (``Tensor._make_wrapper_subclass``)."""
+    make = getattr(torch.Tensor, "_make_wrapper_subclass", None)
+    if make is None:
+        raise _missing("torch.Tensor._make_wrapper_subclass")
+    return make(cls, like.shape, strides=like.stride(), dtype=like.dtype, device=like.device,
+                requires_grad=False)
 
 
 def _optional_attribute(module_name: str, name: str):

@@ -56,13 +56,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-__all__ = ["run_lean"]
+from leanstep.bench import _torch_internals as internals
+
+__all__ = ["lean_pass_active", "run_lean"]
+
+_tree = internals.tree()
+tree_flatten, tree_map, tree_unflatten = _tree.tree_flatten, _tree.tree_map, _tree.tree_unflatten
 
 _aten = torch.ops.aten
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
@@ -145,7 +148,7 @@ def _same(first: list, second: list) -> bool:
         return True
     if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(first, second, strict=True)):
         return False
-    if first[0].is_meta or is_fake(first[0]):  # predicting memory, counting FLOPs: no values
+    if first[0].is_meta or internals.is_fake(first[0]):  # predicting memory, counting FLOPs
         return True
     bits = _BITS.get(first[0].element_size())
     a, b = torch.cat([t.flatten() for t in first]), torch.cat([t.flatten() for t in second])
@@ -305,9 +308,7 @@ class _NormProbe(torch.Tensor):
 
     @staticmethod
     def __new__(cls, run, module: nn.Module, buffer: torch.Tensor):
-        probe = torch.Tensor._make_wrapper_subclass(
-            cls, buffer.shape, strides=buffer.stride(), dtype=buffer.dtype,
-            device=buffer.device, requires_grad=False)
+        probe = internals.wrapper_tensor(cls, buffer)
         probe._lean = (run, module, buffer)
         return probe
 
@@ -345,7 +346,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     if (training and input.device.type == "cpu" and running_var is not None
             and (weight is None or weight.dtype == input.dtype)):
         # What F.batch_norm runs, with the statistics it computes returned.
-        out, mean, invstd, _, implementation = torch._batch_norm_impl_index(
+        out, mean, invstd, _, implementation = internals.batch_norm_with_statistics()(
             input, weight, bias, buffer, running_var, training, momentum, eps,
             torch.backends.cudnn.enabled)
         run.norms.append((module, (mean, invstd) if implementation == 0 else None))
