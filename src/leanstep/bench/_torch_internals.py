@@ -6,10 +6,9 @@ its methods that a subclass overrides, fake tensors (``torch._subclasses.fake_te
 dispatcher's kernel table (``torch._C._dispatch_has_kernel_for_dispatch_key``), dispatch modes
 (``torch.utils._python_dispatch``) and unregistering a ``torch.library.Library``; lean regions
 rest on ``torch._batch_norm_impl_index``, wrapper tensor subclasses and ``torch.utils._pytree``.
-leanstep is
-tested with the torch versions that ``pyproject.toml`` declares; with another, a missing internal
-raises ``TorchInternalsError`` naming it and the torch version, instead of an AttributeError
-deep inside a prediction.
+leanstep is tested with the torch versions that ``pyproject.toml`` declares; with another, a
+missing internal raises ``TorchInternalsError`` naming it and the torch version, instead of an
+AttributeError deep inside a prediction.
 """
 
 from __future__ import annotations
