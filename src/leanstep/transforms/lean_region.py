@@ -242,13 +242,19 @@ def _keep_forward(module: nn.Module, run: _Pass, x, *rest):
     return out
 
 
-def _replay_conv(module: nn.Module, run: _Pass, spec, x, *rest):
+def _next_kept(module: nn.Module, run: _Pass, x):
+    """The output ``module`` kept in the forward pass at this point of the recompute (None:
+    run it again); an error if the forward pass called another layer here."""
     at = run.layer_at
     run.layer_at += 1
     if at >= len(run.layers) or run.layers[at][0] is not module:
         raise run.mismatch(_expected("layer", at, run.layers, module))
     run.fingerprint(x)
-    kept = run.layers[at][1]
+    return run.layers[at][1]
+
+
+def _replay_conv(module: nn.Module, run: _Pass, spec, x, *rest):
+    kept = _next_kept(module, run, x)
     if kept is None or rest:
         return type(module).forward(module, x, *rest)
     pre, stride, padding, dilation, groups = spec
@@ -260,12 +266,7 @@ def _replay_conv(module: nn.Module, run: _Pass, spec, x, *rest):
 
 
 def _replay_linear(module: nn.Module, run: _Pass, x):
-    at = run.layer_at
-    run.layer_at += 1
-    if at >= len(run.layers) or run.layers[at][0] is not module:
-        raise run.mismatch(_expected("layer", at, run.layers, module))
-    run.fingerprint(x)
-    kept = run.layers[at][1]
+    kept = _next_kept(module, run, x)
     if kept is None:
         return type(module).forward(module, x)
     dtype = kept.dtype

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from .lean_region import lean_pass_active, run_lean
+from .lean_region import _versions, lean_pass_active, run_lean
 
 __all__ = ["KEEP_OPS", "RegionState", "clear_region", "install_region", "region_state",
            "run_region"]
@@ -78,10 +78,6 @@ def _copies(values: tuple) -> tuple:
 
 def _aliases(values: tuple) -> tuple:
     return tuple(v.view_as(v) if isinstance(v, torch.Tensor) else v for v in values)
-
-
-def _versions(tensors) -> list[int]:
-    return [t._version for t in tensors]
 
 
 # Whether a region writes over its inputs, learned once: first module -> {region: bool}.
