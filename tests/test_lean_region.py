@@ -317,3 +317,26 @@ def test_python_state_read_after_the_last_kept_layer_is_an_error():
     _, lean = _pair(lambda: nn.Sequential(nn.Sequential(Block(), Block())))
     with pytest.raises(RuntimeError, match=r"the block's output got other values"):
         _loss(lean, torch.randn(2, 4, 8, 8, dtype=torch.float64)).backward()
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_python_state_between_a_kept_conv_and_its_norm_is_an_error(in_place):
+    """A norm's input that is, unchanged, the conv's kept output needs no fingerprint of its
+    own; one that the block changes after the conv with Python state (in place or not) still
+    makes the recompute fail loudly."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.conv(x)
+            out = out.mul_(self.calls) if in_place else out * self.calls
+            return self.bn(out).relu()
+
+    _, lean = _pair(lambda: nn.Sequential(nn.Sequential(Block(), Block())))
+    with pytest.raises(RuntimeError, match=r"ran differently in its recompute"):
+        _loss(lean, torch.randn(2, 4, 8, 8, dtype=torch.float64)).backward()

@@ -101,7 +101,7 @@ def _pass_active():
 class _Pass:
     """What one forward pass of a region kept, and where its recompute has got to."""
 
-    __slots__ = ("name", "layers", "norms", "layer_at", "norm_at", "replay", "prints")
+    __slots__ = ("name", "layers", "norms", "layer_at", "norm_at", "replay", "prints", "handed")
 
     def __init__(self, name: str):
         self.name = name
@@ -111,9 +111,22 @@ class _Pass:
         self.norm_at = 0
         self.replay = False
         self.prints: list = []  # fingerprints of the kept layers' and norms' inputs, in order
+        self.handed = None  # (tensor, version) the last kept layer handed on
 
     def fingerprint(self, tensor: torch.Tensor) -> None:
         self.prints.append(_fingerprint(tensor))
+
+    def hand_on(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.handed = (tensor, tensor._version)
+        return tensor
+
+    def fingerprint_unless_handed(self, tensor: torch.Tensor) -> None:
+        """A norm's input needs no fingerprint of its own where it is, unchanged, what the
+        kept layer just before handed on: that layer's input was compared (a pass that
+        skips where the other does not has fewer fingerprints: a mismatch all the same)."""
+        handed = self.handed
+        if handed is None or handed[0] is not tensor or tensor._version != handed[1]:
+            self.prints.append(_fingerprint(tensor))
 
     def mismatch(self, what: str) -> RuntimeError:
         return RuntimeError(
@@ -239,7 +252,7 @@ def _keep_forward(module: nn.Module, run: _Pass, x, *rest):
     run.fingerprint(x)
     out = type(module).forward(module, x, *rest)
     run.layers.append((module, out, out._version))
-    return out
+    return run.hand_on(out)
 
 
 def _next_kept(module: nn.Module, run: _Pass, x):
@@ -256,22 +269,23 @@ def _next_kept(module: nn.Module, run: _Pass, x):
 def _replay_conv(module: nn.Module, run: _Pass, spec, x, *rest):
     kept = _next_kept(module, run, x)
     if kept is None or rest:
-        return type(module).forward(module, x, *rest)
+        return run.hand_on(type(module).forward(module, x, *rest))
     pre, stride, padding, dilation, groups = spec
     dtype = kept.dtype
     if pre is not None:
         x = F.pad(x, pre, mode=module.padding_mode)
-    return _KeptConv.apply(_cast(x, dtype), _cast(module.weight, dtype),
-                           _cast(module.bias, dtype), (stride, padding, dilation, groups), kept)
+    return run.hand_on(_KeptConv.apply(_cast(x, dtype), _cast(module.weight, dtype),
+                                       _cast(module.bias, dtype),
+                                       (stride, padding, dilation, groups), kept))
 
 
 def _replay_linear(module: nn.Module, run: _Pass, x):
     kept = _next_kept(module, run, x)
     if kept is None:
-        return type(module).forward(module, x)
+        return run.hand_on(type(module).forward(module, x))
     dtype = kept.dtype
-    return _KeptLinear.apply(_cast(x, dtype), _cast(module.weight, dtype),
-                             _cast(module.bias, dtype), kept)
+    return run.hand_on(_KeptLinear.apply(_cast(x, dtype), _cast(module.weight, dtype),
+                                         _cast(module.bias, dtype), kept))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +348,7 @@ def _unwrap(value):
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5):
     run, module, buffer = running_mean._lean
-    run.fingerprint(input)
+    run.fingerprint_unless_handed(input)
     if run.replay:
         at = run.norm_at
         run.norm_at += 1
