@@ -340,3 +340,37 @@ def test_python_state_between_a_kept_conv_and_its_norm_is_an_error(in_place):
     _, lean = _pair(lambda: nn.Sequential(nn.Sequential(Block(), Block())))
     with pytest.raises(RuntimeError, match=r"ran differently in its recompute"):
         _loss(lean, torch.randn(2, 4, 8, 8, dtype=torch.float64)).backward()
+
+
+def test_each_kept_output_is_let_go_of_once_backward_is_past_it(monkeypatch):
+    """A region's backward frees every kept conv output as soon as the layers that need it
+    (its norm, its own backward) are done: nothing of the region holds one to the end."""
+    import weakref
+
+    from leanstep.transforms import lean_region
+
+    handed, done, held = [], set(), []
+    apply, backward = lean_region._KeptConv.apply, lean_region._KeptConv.backward
+
+    def recording_apply(*args):
+        out = apply(*args)
+        handed.append(weakref.ref(out))
+        return out
+
+    def checking_backward(ctx, grad):
+        held.extend(i for i in done if handed[i]() is not None)
+        done.add(ctx.index)
+        return backward(ctx, grad)
+
+    def indexed_forward(ctx, *args):
+        ctx.index = len(handed)
+        return forward(ctx, *args)
+
+    forward = lean_region._KeptConv.forward
+    monkeypatch.setattr(lean_region._KeptConv, "apply", recording_apply)
+    monkeypatch.setattr(lean_region._KeptConv, "forward", staticmethod(indexed_forward))
+    monkeypatch.setattr(lean_region._KeptConv, "backward", staticmethod(checking_backward))
+    _, lean = _pair(TorchvisionResNet)
+    _loss(lean, torch.randn(2, 3, 16, 16, dtype=torch.float64)).backward()
+    assert len(done) == len(handed) > 4
+    assert held == []

@@ -591,6 +591,7 @@ class _LeanRegion(torch.autograd.Function):
         # From here on only the recomputed graph holds the kept outputs and the recomputed
         # results: each is freed as soon as backward is past it.
         run.layers.clear()
+        run.handed = None
         pairs = [(out_flat[position], grad) for position, grad in
                  zip(plan.out_positions, grads, strict=True)]
         outputs = [get_gradient_edge(t) for t, g in pairs if g is not None and t.requires_grad]
