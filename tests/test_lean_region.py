@@ -350,7 +350,8 @@ def test_each_kept_output_is_let_go_of_once_backward_is_past_it(monkeypatch):
     from leanstep.transforms import lean_region
 
     handed, done, held = [], set(), []
-    apply, backward = lean_region._KeptConv.apply, lean_region._KeptConv.backward
+    kept = lean_region._KeptConv
+    apply, forward, backward = kept.apply, kept.forward, kept.backward
 
     def recording_apply(*args):
         out = apply(*args)
@@ -366,10 +367,9 @@ def test_each_kept_output_is_let_go_of_once_backward_is_past_it(monkeypatch):
         ctx.index = len(handed)
         return forward(ctx, *args)
 
-    forward = lean_region._KeptConv.forward
-    monkeypatch.setattr(lean_region._KeptConv, "apply", recording_apply)
-    monkeypatch.setattr(lean_region._KeptConv, "forward", staticmethod(indexed_forward))
-    monkeypatch.setattr(lean_region._KeptConv, "backward", staticmethod(checking_backward))
+    monkeypatch.setattr(kept, "apply", recording_apply)
+    monkeypatch.setattr(kept, "forward", staticmethod(indexed_forward))
+    monkeypatch.setattr(kept, "backward", staticmethod(checking_backward))
     _, lean = _pair(TorchvisionResNet)
     _loss(lean, torch.randn(2, 3, 16, 16, dtype=torch.float64)).backward()
     assert len(done) == len(handed) > 4
