@@ -24,9 +24,9 @@ the norm is recomputed whole), running statistics and every buffer the forward u
 updated once (the recompute writes scratch copies), and a kept output that is overwritten later
 (a conv followed by an in-place op or InplaceABN) is recomputed instead. A block whose recompute
 calls other layers, or reaches a kept layer or norm with other values (a fingerprint of a few
-elements of each one's input is compared; a norm's input that is, unchanged, the output the
-kept layer before it handed on is that layer's), than its forward pass raises an error naming
-it.
+elements of each one's input is compared; a norm whose input is, unchanged, the output of the
+kept layer just before it relies on that layer's), than its forward pass raises an error
+naming it.
 
 The block's outputs are fingerprinted too, so Python state read after the last kept layer
 shows. Every buffer of the block is a scratch copy during the recompute (state updated by
